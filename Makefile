@@ -1,0 +1,59 @@
+# Two commands do everything on a fresh Debian machine (as root, or with sudo):
+#   make quickstart   install, then run the suite's main job end to end
+#   make test         install, then run the test suite
+# Both are idempotent: a second run installs nothing.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+REPRO := $(BIN)/repro
+# System packages: FFCV builds against OpenCV and libjpeg-turbo, found with pkg-config.
+APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: help install system-packages quickstart test lint clean
+
+help:
+	@echo "make quickstart   install everything, then run the main job"
+	@echo "make test         install everything, then run the tests (pytest)"
+	@echo "make lint         ruff check"
+
+install: system-packages $(VENV)/.installed
+
+# dpkg is asked every time (fast); apt-get runs only for what is missing.
+system-packages:
+	@missing="$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; \
+	  done)"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:" $$missing; \
+	  $(SUDO) apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# torch==2.14.1 / torchvision==0.29.1 come from pyproject.toml (pinned; local wheels here).
+$(VENV)/.installed: pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,ffcv]'
+	touch $@
+
+quickstart: install
+	$(REPRO) doctor
+	@echo; echo "# every recipe resolves:"
+	@for f in recipes/*.yaml; do $(REPRO) launch $$f --dry-run > /dev/null && echo "  ok  $$f"; done
+	@echo; echo "# the ViT_C-18GF recipe (EarlyConv paper), as it would run:"
+	$(REPRO) launch recipes/earlyconv_vitb.yaml --dry-run
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check repro tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,98 @@
+"""The `repro` command line: one subcommand per job of the suite."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Subcommands that later work adds; until then they say so in one line and exit 2.
+NOT_BUILT = {
+    "verify": "params/FLOPs check of every paper row (issue: the papers' models)",
+    "bench": "throughput measurement (issue: measure and report)",
+    "profile": "torch.profiler traces of training steps (issue: measure and report)",
+    "eval": "top-1/top-5 of a checkpoint (issue: measure and report)",
+    "report": "paper-vs-measured markdown (issue: measure and report)",
+    "data": "FFCV conversion and the built-in dataset (issue: data)",
+    "status": "state of local and Slurm runs (issue: Slurm)",
+}
+
+EXIT_ERROR = 1  # bad input: a recipe, paper table or path problem, reported in one line
+EXIT_NOT_BUILT = 2
+
+
+def _world_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"world sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="repro", description="Reproduce the tables of hybrid CNN-Transformer papers.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    launch = sub.add_parser("launch", help="train a recipe (locally, or on Slurm)",
+                            description="Train a recipe. Overrides: key.sub=value.")
+    launch.add_argument("recipe", help="recipe YAML, e.g. recipes/earlyconv_vitb.yaml")
+    launch.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="dotted overrides, values read as YAML")
+    launch.add_argument("--dry-run", action="store_true",
+                        help="print the resolved recipe, derived values and target; run nothing")
+    launch.add_argument("--world-size", type=_world_sizes, default=None, metavar="N[,N...]",
+                        help="also show derived values for these world sizes")
+
+    sub.add_parser("doctor", help="versions, and what is missing with its install line")
+
+    for name, what in NOT_BUILT.items():
+        sp = sub.add_parser(name, help=f"{what} [not built yet]")
+        sp.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def cmd_launch(args) -> int:
+    from repro.launch import plan
+    from repro.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(plan.render(recipe, args.world_size))
+        return 0
+    print(f"repro launch: training is not built yet; `repro launch {args.recipe} --dry-run` "
+          "shows what would run", file=sys.stderr)
+    return EXIT_NOT_BUILT
+
+
+def cmd_doctor(args) -> int:
+    from repro import doctor
+
+    return doctor.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in NOT_BUILT:
+        print(f"repro {args.command}: not built yet ({NOT_BUILT[args.command]})", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    try:
+        return {"launch": cmd_launch, "doctor": cmd_doctor}[args.command](args)
+    except ValueError as e:
+        if not _is_input_error(e):
+            raise
+        print(f"repro {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _is_input_error(e: Exception) -> bool:
+    """Errors about the user's files, reported in one line (imported late: doctor needs none)."""
+    from repro.papers import PaperTableError
+    from repro.recipe import RecipeError
+
+    return isinstance(e, (RecipeError, PaperTableError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Launching recipes: a plan (what will run, with derived values), local and Slurm execution."""
