@@ -44,6 +44,8 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: install
 	$(REPRO) doctor
+	@echo; echo "# params and FLOPs of every paper row, counted, against the papers:"
+	$(REPRO) verify
 	@echo; echo "# every recipe resolves:"
 	@for f in recipes/*.yaml; do $(REPRO) launch $$f --dry-run > /dev/null && echo "  ok  $$f"; done
 	@echo; echo "# the ViT_C-18GF recipe (EarlyConv paper), as it would run:"

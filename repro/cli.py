@@ -7,7 +7,6 @@ import sys
 
 # Subcommands that later work adds; until then they say so in one line and exit 2.
 NOT_BUILT = {
-    "verify": "params/FLOPs check of every paper row (issue: the papers' models)",
     "bench": "throughput measurement (issue: measure and report)",
     "profile": "torch.profiler traces of training steps (issue: measure and report)",
     "eval": "top-1/top-5 of a checkpoint (issue: measure and report)",
@@ -24,7 +23,8 @@ def _world_sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"world sizes must be >= 1, got {text!r}")
     return sizes
@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the resolved recipe, derived values and target; run nothing")
     launch.add_argument("--world-size", type=_world_sizes, default=None, metavar="N[,N...]",
                         help="also show derived values for these world sizes")
+
+    verify = sub.add_parser(
+        "verify", help="params and FLOPs of every paper row against the paper",
+        description="Count params and multiply-adds of every paper row's model on the meta "
+        "device and compare with the paper (params within 1 %%, FLOPs within 5 %%).")
+    verify.add_argument("--paper", help="only this paper (coatnet, levit, cvt, earlyconv)")
+    verify.add_argument("--row", help="only this row of --paper, e.g. ViT_C-18GF")
+    verify.add_argument("--out", default=None, metavar="MD",
+                        help="report path (default reports/architecture.md, written only when "
+                        "every row is checked)")
 
     sub.add_parser("doctor", help="versions, and what is missing with its install line")
 
@@ -66,6 +76,24 @@ def cmd_launch(args) -> int:
     return EXIT_NOT_BUILT
 
 
+def cmd_verify(args) -> int:
+    import time
+
+    from repro.measure import verify
+
+    if args.row and not args.paper:
+        raise SystemExit("repro verify: error: --row needs --paper")
+    start = time.perf_counter()
+    data = verify.run(args.paper, args.row)
+    print(verify.summary(data))
+    out = args.out or (None if args.paper or args.row else verify.DEFAULT_REPORT)
+    if out:
+        md, js = verify.write_report(data, out)
+        print(f"wrote {md} and {js}")
+    print(f"counted {len(data['rows'])} rows in {time.perf_counter() - start:.1f} s")
+    return 1 if verify.failures(data) else 0
+
+
 def cmd_doctor(args) -> int:
     from repro import doctor
 
@@ -73,12 +101,19 @@ def cmd_doctor(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`launch R.yaml --dry-run optim.lr=1e-3`).
+    if args.command == "launch" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in NOT_BUILT:
         print(f"repro {args.command}: not built yet ({NOT_BUILT[args.command]})", file=sys.stderr)
         return EXIT_NOT_BUILT
     try:
-        return {"launch": cmd_launch, "doctor": cmd_doctor}[args.command](args)
+        handler = {"launch": cmd_launch, "verify": cmd_verify, "doctor": cmd_doctor}
+        return handler[args.command](args)
     except ValueError as e:
         if not _is_input_error(e):
             raise

@@ -106,8 +106,11 @@ def run() -> int:
     from tabulate import tabulate
 
     rows = checks()
-    table = [[r["area"], r["item"], "ok" if r["ok"] else ("MISSING" if r["required"] else "missing"),
-              r["found"], "" if r["ok"] else r["fix"]] for r in rows]
+    def status(r):
+        return "ok" if r["ok"] else ("MISSING" if r["required"] else "missing")
+
+    table = [[r["area"], r["item"], status(r), r["found"], "" if r["ok"] else r["fix"]]
+             for r in rows]
     print(f"repro doctor  ({platform.platform()}, {platform.machine()})")
     print(tabulate(table, ["area", "item", "status", "found", "install"], tablefmt="github"))
     missing = [r["item"] for r in rows if r["required"] and not r["ok"]]

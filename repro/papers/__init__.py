@@ -37,8 +37,8 @@ _ROW_REQUIRED = tuple(
     "row model timm_model resolution pretrain_data params_m gmacs top1 source".split()
 )
 _ROW_OPTIONAL = tuple(
-    "baseline pretrain_detail flops_printed top1_real top1_v2 top1_by_epochs top1_tol epochs "
-    "finetune_epochs pretrain_cost throughput notes caveat".split()
+    "baseline params_resolution pretrain_detail flops_printed top1_real top1_v2 top1_by_epochs "
+    "top1_tol epochs finetune_epochs pretrain_cost throughput notes caveat".split()
 )
 _NUMBER_FIELDS = tuple("params_m gmacs top1 top1_real top1_v2 top1_tol flops_printed".split())
 _THROUGHPUT_FIELDS = tuple(
@@ -48,8 +48,9 @@ _THROUGHPUT_VALUES = ("images_per_s", "train_min_per_epoch")
 
 # Columns of load_rows(), in order; nested fields (throughput, top1_by_epochs) stay in get_row().
 _COLUMNS = tuple(
-    "id paper row model timm_model baseline resolution pretrain_data pretrain_detail params_m "
-    "gmacs top1 top1_real top1_v2 top1_tol epochs finetune_epochs source caveat notes".split()
+    "id paper row model timm_model baseline resolution params_resolution pretrain_data "
+    "pretrain_detail params_m gmacs top1 top1_real top1_v2 top1_tol epochs finetune_epochs "
+    "source caveat notes".split()
 )
 
 
@@ -225,7 +226,7 @@ def _validate_row(row: Any, where: str, scale: float) -> None:
     for key in _NUMBER_FIELDS:
         if row.get(key) is not None and not _is_number(row[key]):
             _fail(where, f"{key!r} must be a number or null, not {row[key]!r}")
-    for key in ("epochs", "finetune_epochs"):
+    for key in ("epochs", "finetune_epochs", "params_resolution"):
         if key in row and not (_is_int(row[key]) and row[key] > 0):
             _fail(where, f"{key!r} must be a positive integer")
     if "baseline" in row and not isinstance(row["baseline"], bool):

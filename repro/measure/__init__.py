@@ -1,0 +1,1 @@
+"""Measurements of models: complexity (params, multiply-adds), throughput, profiles."""
