@@ -1,0 +1,77 @@
+"""Data: FFCV .beton files (ImageNet's fast path), torchvision ImageFolder (the baseline and the
+fallback), and the built-in `digits` set that lets the whole pipeline run offline.
+
+Both loaders yield the same contract: `(images, labels)` with images float32, normalised,
+N x 3 x H x W in channels_last memory format, and labels int64 of shape N.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """A data problem as one line: which path, what is wrong, how to fix it."""
+
+
+def ffcv_available() -> bool:
+    """True when FFCV imports (it needs OpenCV and libjpeg-turbo from the system)."""
+    return importlib.util.find_spec("ffcv") is not None
+
+
+def cache_dir() -> Path:
+    """Where built-in datasets are written: ${REPRO_CACHE:-~/.cache/repro}."""
+    return Path(os.environ.get("REPRO_CACHE") or Path.home() / ".cache" / "repro")
+
+
+@dataclass
+class Loaders:
+    """A recipe's train and val loaders, and what a report needs to know about them."""
+
+    train: Any
+    val: Any
+    format: str  # "ffcv" or "folder"
+    train_path: str
+    val_path: str
+    num_classes: int
+    train_images: int
+    val_images: int
+    not_applied: list[str]  # recipe augmentations this loader cannot apply (see ffcv.py)
+
+
+def resolve_paths(recipe) -> tuple[str, str]:
+    """The train and val paths a recipe reads, building the built-in set if needed."""
+    d = recipe.data
+    if d.dataset == "digits":
+        from repro.data import builtin
+
+        paths = builtin.ensure_digits(size=d.resolution)
+        return (str(paths.train_beton), str(paths.val_beton)) if d.format == "ffcv" else \
+            (str(paths.train_dir), str(paths.val_dir))
+    for key, path in (("data.train_path", d.train_path), ("data.val_path", d.val_path)):
+        if not path:
+            raise DataError(f"{recipe.path}: {key} is not set (a .beton file or an ImageFolder "
+                            f"directory)")
+    return d.train_path, d.val_path
+
+
+def build_loaders(recipe, *, batch_size: int, eval_batch_size: int | None = None,
+                  distributed: bool = False, device: str = "cpu", seed: int = 0) -> Loaders:
+    """Train and val loaders for `recipe` (data.format picks FFCV or ImageFolder)."""
+    train_path, val_path = resolve_paths(recipe)
+    eval_batch_size = eval_batch_size or recipe.eval.batch_size
+    if recipe.data.format == "ffcv":
+        if not ffcv_available():
+            raise DataError("data.format is ffcv but FFCV is not installed: `make install`, "
+                            "or pip install -e '.[ffcv]' after apt-get install libopencv-dev "
+                            "libturbojpeg0-dev pkg-config; or set data.format=folder")
+        from repro.data import ffcv as backend
+    else:
+        from repro.data import folder as backend
+    return backend.build(recipe, train_path, val_path, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, distributed=distributed,
+                         device=device, seed=seed)

@@ -1,0 +1,147 @@
+"""FFCV loaders: the fast path for ImageNet (pipelines after ffcv-imagenet).
+
+Pipelines, and the hang they avoid. ffcv 1.0.2 has an open defect (libffcv/ffcv#396):
+`Graph.group_operations` never resets its next front, so a CPU pipeline that alternates JIT and
+non-JIT stages more than twice — e.g. decoder -> flip -> ToTensor -> ToTorchImage ->
+NormalizeImage — spins forever inside `Loader()`. The pipelines here are ordered so that all
+JIT stages (decoder, flip, NormalizeImage) come first and the torch stages (ToTensor,
+ToTorchImage) last: one switch, which the graph code handles. On GPU the order is
+ffcv-imagenet's (ToDevice before ToTorchImage and the normalisation on the device). The tests
+run exactly these pipelines on CPU under a timeout. No patch to ffcv is applied.
+
+Other FFCV behaviour designed around (../shared/FFCV_NOTES.md): creating a Loader sets torch's
+thread count to its worker count (restored here); batches reuse buffers (the trainer must copy
+what it keeps); `drop_last` defaults to True (val sets it False); QUASI_RANDOM order does not
+support distributed loading (RANDOM is used under DDP, as ffcv-imagenet does); every new Loader
+compiles its pipeline with numba (~10 s for the train pipeline).
+
+FFCV's decoders resize with OpenCV's INTER_AREA; that is fixed in ffcv 1.0.2, so the recipe's
+`data.interpolation` applies only to the ImageFolder loader. Per-image augmentations FFCV has no
+operation for (RandAugment/AutoAugment, colour jitter, random erasing) are reported in
+`Loaders.not_applied`, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from repro.data import DataError, Loaders
+from repro.data.convert import read_sidecar
+
+
+def _open(path: str, split: str) -> int:
+    """Number of samples in the .beton at `path`; a one-line DataError if it is not usable."""
+    from ffcv.reader import Reader
+
+    how = f"create it with `repro data convert /path/to/imagenet/{split} {path}`"
+    if not Path(path).is_file():
+        raise DataError(f"{path}: FFCV .beton file not found; {how}")
+    try:
+        reader = Reader(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable FFCV .beton ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:120]}); {how}") from None
+    missing = {"image", "label"} - set(reader.field_names)
+    if missing:
+        raise DataError(f"{path}: .beton lacks field(s) {sorted(missing)}; {how}")
+    return int(reader.num_samples)
+
+
+def _tail(mean, std, device: torch.device):
+    """Normalise and convert to torch: JIT stages first, torch stages last (see module doc)."""
+    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+
+    mean = np.array(mean) * 255
+    std = np.array(std) * 255
+    if device.type == "cuda":
+        return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+                NormalizeImage(mean, std, np.float32)]
+    return [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+
+
+def train_pipeline(res: int, scale, ratio, hflip: float, mean, std, device) -> list:
+    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip
+
+    ops = [RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale), ratio=tuple(ratio))]
+    if hflip > 0:
+        ops.append(RandomHorizontalFlip(flip_prob=hflip))
+    return ops + _tail(mean, std, torch.device(device))
+
+
+def val_pipeline(res: int, crop_pct: float, mean, std, device) -> list:
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+
+    # FFCV's `ratio` is the centre crop's share of the shorter side: the same geometry as
+    # resize(res / crop_pct) then centre-crop(res).
+    return [CenterCropRGBImageDecoder((res, res), ratio=crop_pct)] + _tail(
+        mean, std, torch.device(device))
+
+
+def label_pipeline(device) -> list:
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    ops = [IntDecoder(), ToTensor(), Squeeze()]
+    if torch.device(device).type == "cuda":
+        ops.append(ToDevice(torch.device(device), non_blocking=True))
+    return ops
+
+
+def make_loader(path: str, pipeline: list, *, batch_size: int, workers: int, train: bool,
+                distributed: bool, device, seed: int):
+    """An ffcv Loader over `path` with `pipeline` for images, leaving torch's threads alone."""
+    from ffcv.loader import Loader, OrderOption
+
+    if train:
+        # QUASI_RANDOM reads page by page (datasets larger than RAM) but is not implemented
+        # for distributed loading; RANDOM under DDP, as ffcv-imagenet does.
+        order = OrderOption.RANDOM if distributed else OrderOption.QUASI_RANDOM
+        os_cache = distributed
+    else:
+        order, os_cache = OrderOption.SEQUENTIAL, True
+    threads = torch.get_num_threads()
+    try:
+        loader = Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=order,
+                        os_cache=os_cache, drop_last=train, distributed=distributed,
+                        seed=seed, pipelines={"image": pipeline,
+                                              "label": label_pipeline(device)})
+    finally:
+        torch.set_num_threads(threads)  # Loader() sets it to num_workers
+    return loader
+
+
+def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch_size: int,
+          distributed: bool, device, seed: int) -> Loaders:
+    d, e = recipe.data, recipe.eval
+    n_train, n_val = _open(train_path, "train"), _open(val_path, "val")
+    train = make_loader(train_path, train_pipeline(d.resolution, d.scale, d.ratio, d.hflip,
+                                                   d.mean, d.std, device),
+                        batch_size=batch_size, workers=d.workers, train=True,
+                        distributed=distributed, device=device, seed=seed)
+    val = make_loader(val_path, val_pipeline(e.resolution or d.resolution, e.crop_pct, d.mean,
+                                             d.std, device),
+                      batch_size=eval_batch_size, workers=d.workers, train=False,
+                      distributed=distributed, device=device, seed=seed)
+    side = read_sidecar(train_path) or {}
+    num_classes = side.get("num_classes") or recipe.model.num_classes
+    return Loaders(train, val, "ffcv", train_path, val_path, num_classes, n_train, n_val,
+                   not_applied_on_ffcv(recipe))
+
+
+def not_applied_on_ffcv(recipe) -> list[str]:
+    """Recipe augmentations with no FFCV operation here (honestly reported, not faked)."""
+    a = recipe.aug
+    missing = []
+    if a.auto_augment:
+        missing.append(f"aug.auto_augment={a.auto_augment}")
+    if a.color_jitter:
+        missing.append(f"aug.color_jitter={a.color_jitter}")
+    if a.re_prob > 0:
+        missing.append(f"aug.re_prob={a.re_prob}")
+    if recipe.data.repeated_aug:
+        missing.append("data.repeated_aug=true")
+    return missing
