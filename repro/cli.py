@@ -11,7 +11,6 @@ NOT_BUILT = {
     "profile": "torch.profiler traces of training steps (issue: measure and report)",
     "eval": "top-1/top-5 of a checkpoint (issue: measure and report)",
     "report": "paper-vs-measured markdown (issue: measure and report)",
-    "data": "FFCV conversion and the built-in dataset (issue: data)",
     "status": "state of local and Slurm runs (issue: Slurm)",
 }
 
@@ -55,6 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report path (default reports/architecture.md, written only when "
                         "every row is checked)")
 
+    data = sub.add_parser("data", help="FFCV conversion and the built-in dataset")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    conv = dsub.add_parser(
+        "convert", help="ImageFolder tree -> FFCV .beton (+ <file>.json record)",
+        description="Convert an ImageFolder tree (ImageNet's layout) to an FFCV .beton. DST may "
+        "be a directory: the file is then named by its writer settings, e.g. "
+        "train_500_0.50_90.beton.")
+    conv.add_argument("src", help="ImageFolder root, e.g. /datasets/imagenet/train")
+    conv.add_argument("dst", help=".beton file, or a directory for the default name")
+    conv.add_argument("--max-res", type=int, default=500,
+                      help="longest side stored, px (default 500; 0 = keep)")
+    conv.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    conv.add_argument("--compress-prob", type=float, default=0.5,
+                      help="share of images stored as JPEG, the rest raw (default 0.5)")
+    conv.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    conv.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                      help="unreadable images: skip and list them (default), or stop")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    dig = dsub.add_parser("digits", help="build the built-in digits set (done on first use)")
+    dig.add_argument("--size", type=int, default=32, help="image side in px (default 32)")
+
     sub.add_parser("doctor", help="versions, and what is missing with its install line")
 
     for name, what in NOT_BUILT.items():
@@ -94,6 +114,32 @@ def cmd_verify(args) -> int:
     return 1 if verify.failures(data) else 0
 
 
+def cmd_data(args) -> int:
+    from repro import data
+
+    if args.data_command == "digits":
+        from repro.data import builtin
+
+        paths = builtin.ensure_digits(size=args.size)
+        print(f"digits ({args.size} px): {paths.train_dir}, {paths.val_dir}"
+              + (f", {paths.train_beton}, {paths.val_beton}" if paths.train_beton.exists()
+                 else " (no .beton: FFCV is not installed)"))
+        return 0
+    if not data.ffcv_available():
+        raise data.DataError("repro data convert needs FFCV: `make install`, or apt-get install "
+                             "libopencv-dev libturbojpeg0-dev pkg-config && pip install -e "
+                             "'.[ffcv]'")
+    from repro.data.convert import convert, sidecar_path
+
+    record = convert(args.src, args.dst, max_res=args.max_res or None, quality=args.quality,
+                     compress_prob=args.compress_prob, workers=args.workers,
+                     on_error=args.on_error, overwrite=args.overwrite)
+    dst = record["destination"]
+    print(f"wrote {dst}: {record['num_images']} images, {record['num_classes']} classes; "
+          f"skipped {record['skipped_count']} unreadable (listed in {sidecar_path(dst)})")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from repro import doctor
 
@@ -112,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"repro {args.command}: not built yet ({NOT_BUILT[args.command]})", file=sys.stderr)
         return EXIT_NOT_BUILT
     try:
-        handler = {"launch": cmd_launch, "verify": cmd_verify, "doctor": cmd_doctor}
+        handler = {"launch": cmd_launch, "verify": cmd_verify, "data": cmd_data,
+                   "doctor": cmd_doctor}
         return handler[args.command](args)
     except ValueError as e:
         if not _is_input_error(e):
@@ -123,10 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_input_error(e: Exception) -> bool:
     """Errors about the user's files, reported in one line (imported late: doctor needs none)."""
+    from repro.data import DataError
     from repro.papers import PaperTableError
     from repro.recipe import RecipeError
 
-    return isinstance(e, (RecipeError, PaperTableError))
+    return isinstance(e, (RecipeError, PaperTableError, DataError))
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
 
         record = {
             "created_by": "repro data convert",
+            "destination": str(dst),
             "source": str(src.resolve()),
             "num_images": len(good),
             "num_classes": len(classes),

@@ -85,7 +85,8 @@ def label_pipeline(device) -> list:
     from ffcv.fields.decoders import IntDecoder
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
-    ops = [IntDecoder(), ToTensor(), Squeeze()]
+    # Squeeze(1), not Squeeze(): a last batch of one would otherwise lose its batch dimension.
+    ops = [IntDecoder(), ToTensor(), Squeeze(1)]
     if torch.device(device).type == "cuda":
         ops.append(ToDevice(torch.device(device), non_blocking=True))
     return ops
