@@ -168,12 +168,7 @@ def _validate_paper(data: Any, path: Path) -> None:
     name = path.name
     if not isinstance(data, dict):
         _fail(name, "top level must be a mapping")
-    for key in _PAPER_REQUIRED:
-        if key not in data:
-            _fail(name, f"missing paper field {key!r}")
-    unknown = sorted(set(data) - set(_PAPER_REQUIRED) - set(_PAPER_OPTIONAL))
-    if unknown:
-        _fail(name, f"unknown paper field(s) {', '.join(map(repr, unknown))}")
+    _check_fields(data, _PAPER_REQUIRED, _PAPER_OPTIONAL, name, "paper field")
     if data["key"] != path.stem:
         _fail(name, f"key {data['key']!r} does not match the file name")
     caveats = data["caveats"]
@@ -198,16 +193,21 @@ def _validate_paper(data: Any, path: Path) -> None:
         seen[folded] = index
 
 
+def _check_fields(mapping: dict, required, optional, where: str, what: str) -> None:
+    """Every required key present, no key outside required + optional."""
+    for key in required:
+        if key not in mapping:
+            _fail(where, f"missing {what} {key!r}")
+    unknown = sorted(set(mapping) - set(required) - set(optional))
+    if unknown:
+        _fail(where, f"unknown {what}(s) {', '.join(map(repr, unknown))}")
+
+
 def _validate_row(row: Any, where: str, scale: float) -> None:
     """Check one row's fields, types and internal consistency."""
     if not isinstance(row, dict):
         _fail(where, "must be a mapping")
-    for key in _ROW_REQUIRED:
-        if key not in row:
-            _fail(where, f"missing field {key!r}")
-    unknown = sorted(set(row) - set(_ROW_REQUIRED) - set(_ROW_OPTIONAL))
-    if unknown:
-        _fail(where, f"unknown field(s) {', '.join(map(repr, unknown))}")
+    _check_fields(row, _ROW_REQUIRED, _ROW_OPTIONAL, where, "field")
     row_id = row["row"]
     if not isinstance(row_id, str) or not row_id or any(c == "/" or c.isspace() for c in row_id):
         _fail(where, "'row' must be a non-empty id without '/' or spaces")
