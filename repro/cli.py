@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the resolved recipe, derived values and target; run nothing")
     launch.add_argument("--world-size", type=_world_sizes, default=None, metavar="N[,N...]",
                         help="also show derived values for these world sizes")
+    launch.add_argument("--smoke", action="store_true",
+                        help="the recipe's model and optimisation, a few steps on the built-in "
+                        "digits at 64 px: check a recipe before queueing it")
+    launch.add_argument("--nproc", type=int, default=1,
+                        help="local processes (DDP; gloo on CPU, NCCL on GPUs)")
+    launch.add_argument("--run-id", default=None,
+                        help="run id; relaunching an unfinished run's id resumes it")
 
     verify = sub.add_parser(
         "verify", help="params and FLOPs of every paper row against the paper",
@@ -84,16 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_launch(args) -> int:
-    from repro.launch import plan
-    from repro.recipe import load_recipe
+    from repro.launch import local, plan
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = local.resolve(args.recipe, args.overrides, args.smoke)
     if args.dry_run:
         print(plan.render(recipe, args.world_size))
         return 0
-    print(f"repro launch: training is not built yet; `repro launch {args.recipe} --dry-run` "
-          "shows what would run", file=sys.stderr)
-    return EXIT_NOT_BUILT
+    if args.nproc < 1:
+        raise SystemExit("repro launch: error: --nproc must be >= 1")
+    path = local.launch(recipe, nproc=args.nproc, smoke=args.smoke, run_id=args.run_id)
+    from repro.train.rundir import read_results
+
+    r = read_results(path) or {}
+    top1 = {k: round(v, 2) for k, v in r.items() if k.startswith("final/") and
+            k.endswith("top1")}
+    print(f"run {r.get('status', '?')}: {path}  (epochs {r.get('epochs_done')}/"
+          f"{r.get('epochs_planned')}, steps {r.get('steps_done')}; {top1})")
+    return 0
 
 
 def cmd_verify(args) -> int:
@@ -161,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {"launch": cmd_launch, "verify": cmd_verify, "data": cmd_data,
                    "doctor": cmd_doctor}
         return handler[args.command](args)
-    except ValueError as e:
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         if not _is_input_error(e):
             raise
         print(f"repro {args.command}: error: {e}", file=sys.stderr)
@@ -173,8 +187,11 @@ def _is_input_error(e: Exception) -> bool:
     from repro.data import DataError
     from repro.papers import PaperTableError
     from repro.recipe import RecipeError
+    from repro.train.loop import TrainingDiverged
+    from repro.train.run import RunExists
 
-    return isinstance(e, (RecipeError, PaperTableError, DataError))
+    return isinstance(e, (RecipeError, PaperTableError, DataError, TrainingDiverged,
+                          RunExists, FileNotFoundError))
 
 
 if __name__ == "__main__":

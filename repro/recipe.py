@@ -693,7 +693,7 @@ class Derived:
     lr: float  # effective peak learning rate
     min_lr: float
     steps_per_epoch: int | None
-    total_steps: int | None
+    total_steps: int | None  # of the full schedule (train.max_steps stops a run earlier)
     warmup_steps: int | None
 
 
@@ -723,9 +723,7 @@ def derive(recipe: Recipe, world_size: int, train_images: int | None = None) -> 
     if steps == 0:
         raise RecipeError(recipe.path, "train.global_batch",
                           f"{gb} is larger than the training set ({n} images)")
-    total = steps * s.epochs if steps else None
-    if recipe.train.max_steps and total:
-        total = min(total, recipe.train.max_steps)
+    total = steps * s.epochs if steps else None  # the schedule's length; max_steps truncates
     if s.warmup_steps is not None:
         warm = s.warmup_steps
     else:

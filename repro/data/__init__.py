@@ -60,8 +60,13 @@ def resolve_paths(recipe) -> tuple[str, str]:
 
 
 def build_loaders(recipe, *, batch_size: int, eval_batch_size: int | None = None,
-                  distributed: bool = False, device: str = "cpu", seed: int = 0) -> Loaders:
-    """Train and val loaders for `recipe` (data.format picks FFCV or ImageFolder)."""
+                  rank: int = 0, world_size: int = 1, device: str = "cpu",
+                  seed: int = 0) -> Loaders:
+    """Train and val loaders for this rank (data.format picks FFCV or ImageFolder).
+
+    `train.epoch(e, start_batch)` iterates epoch `e` from a batch on (resume); `val` holds this
+    rank's disjoint shard of the validation set (no padding: summed counts are exact).
+    """
     train_path, val_path = resolve_paths(recipe)
     eval_batch_size = eval_batch_size or recipe.eval.batch_size
     if recipe.data.format == "ffcv":
@@ -73,5 +78,5 @@ def build_loaders(recipe, *, batch_size: int, eval_batch_size: int | None = None
     else:
         from repro.data import folder as backend
     return backend.build(recipe, train_path, val_path, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, distributed=distributed,
+                         eval_batch_size=eval_batch_size, rank=rank, world_size=world_size,
                          device=device, seed=seed)

@@ -93,7 +93,7 @@ def label_pipeline(device) -> list:
 
 
 def make_loader(path: str, pipeline: list, *, batch_size: int, workers: int, train: bool,
-                distributed: bool, device, seed: int):
+                distributed: bool, device, seed: int, indices=None):
     """An ffcv Loader over `path` with `pipeline` for images, leaving torch's threads alone."""
     from ffcv.loader import Loader, OrderOption
 
@@ -108,25 +108,53 @@ def make_loader(path: str, pipeline: list, *, batch_size: int, workers: int, tra
     try:
         loader = Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=order,
                         os_cache=os_cache, drop_last=train, distributed=distributed,
-                        seed=seed, pipelines={"image": pipeline,
+                        seed=seed, indices=indices, pipelines={"image": pipeline,
                                               "label": label_pipeline(device)})
     finally:
         torch.set_num_threads(threads)  # Loader() sets it to num_workers
     return loader
 
 
+class FFCVTrain:
+    """Training batches of one epoch, from any batch on (for resume).
+
+    The sample order is FFCV's, fixed by (seed, epoch); its random crops and flips are drawn in
+    numba threads that no seed reaches, so a resumed FFCV run repeats the order, not the
+    augmentation (the ImageFolder loader is the bitwise-reproducible one).
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        self.loader.next_epoch = epoch
+        it = iter(self.loader)
+        for _ in range(start_batch):  # FFCV cannot start mid-epoch: decode and discard
+            next(it)
+        return it
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
 def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch_size: int,
-          distributed: bool, device, seed: int) -> Loaders:
+          rank: int, world_size: int, device, seed: int) -> Loaders:
     d, e = recipe.data, recipe.eval
     n_train, n_val = _open(train_path, "train"), _open(val_path, "val")
     train = make_loader(train_path, train_pipeline(d.resolution, d.scale, d.ratio, d.hflip,
                                                    d.mean, d.std, device),
                         batch_size=batch_size, workers=d.workers, train=True,
-                        distributed=distributed, device=device, seed=seed)
+                        distributed=world_size > 1, device=device, seed=seed)
+    # Evaluation: disjoint shards, no padding (FFCV's distributed mode would pad).
     val = make_loader(val_path, val_pipeline(e.resolution or d.resolution, e.crop_pct, d.mean,
                                              d.std, device),
                       batch_size=eval_batch_size, workers=d.workers, train=False,
-                      distributed=distributed, device=device, seed=seed)
+                      distributed=False, device=device, seed=seed,
+                      indices=list(range(rank, n_val, world_size)))
+    train = FFCVTrain(train)
     side = read_sidecar(train_path) or {}
     num_classes = side.get("num_classes") or recipe.model.num_classes
     return Loaders(train, val, "ffcv", train_path, val_path, num_classes, n_train, n_val,

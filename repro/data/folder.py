@@ -4,33 +4,103 @@ Transforms are timm's (`timm.data.create_transform`): RandomResizedCrop with the
 ratio and interpolation, flip, the recipe's RandAugment/AutoAugment, colour jitter and random
 erasing for training; resize to resolution / crop_pct and centre crop for evaluation. The
 output contract is FFCV's: float32 images in channels_last memory format, int64 labels.
+
+Training is exactly reproducible, resumes included: the sample order of an epoch comes from
+(seed, epoch) alone, and each sample's augmentation from (seed, epoch, index), whatever the
+number of workers and wherever a run was interrupted.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.data import create_transform
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 
 from repro.data import DataError, Loaders
 
 
-class ChannelsLast:
-    """Wrap a DataLoader so batches match the FFCV loader's layout."""
+def _channels_last(batches):
+    for images, labels in batches:
+        yield images.contiguous(memory_format=torch.channels_last), labels
 
+
+class _EpochOrder(Sampler):
+    """This rank's share of a (seed, epoch) permutation, as (index, sample seed) pairs."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.per_rank = n // world  # equal shares: the tail is dropped, as DDP samplers do
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.per_rank * self.world]
+        mine = order[self.rank::self.world].tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for i in mine[self.start:]:
+            yield i, (base + i) % 2**63
+
+
+class _Seeded(Dataset):
+    """Apply the wrapped dataset's random transforms under a per-sample seed."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item
+        py, npy = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            out = self.base[index]
+        random.setstate(py)
+        np.random.set_state(npy)
+        return out
+
+
+class FolderTrain:
+    """Training batches of one epoch, from any batch on (for resume)."""
+
+    def __init__(self, ds: ImageFolder, batch_size: int, workers: int, seed: int, rank: int,
+                 world: int, pin: bool):
+        self.order = _EpochOrder(len(ds), seed, rank, world)
+        self.loader = DataLoader(_Seeded(ds), batch_size, sampler=self.order, drop_last=True,
+                                 num_workers=workers, pin_memory=pin)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return self.order.per_rank // self.batch_size
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        self.order.epoch, self.order.start = epoch, start_batch * self.batch_size
+        return _channels_last(self.loader)
+
+    def __iter__(self):
+        return self.epoch(0)
+
+
+class FolderVal:
     def __init__(self, loader: DataLoader):
         self.loader = loader
-        self.sampler = loader.sampler
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        for images, labels in self.loader:
-            yield images.contiguous(memory_format=torch.channels_last), labels
+        return _channels_last(self.loader)
 
 
 def _dataset(path: str, split: str, transform) -> ImageFolder:
@@ -62,21 +132,15 @@ def val_transform(recipe):
 
 
 def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch_size: int,
-          distributed: bool, device, seed: int) -> Loaders:
+          rank: int, world_size: int, device, seed: int) -> Loaders:
     train_ds = _dataset(train_path, "train", train_transform(recipe))
     val_ds = _dataset(val_path, "val", val_transform(recipe))
     workers = recipe.data.workers
     pin = torch.device(device).type == "cuda"
-    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
-    if distributed:
-        train_sampler = DistributedSampler(train_ds, shuffle=True, seed=seed, drop_last=True)
-        train = DataLoader(train_ds, batch_size, sampler=train_sampler, drop_last=True, **common)
-        val_sampler = DistributedSampler(val_ds, shuffle=False, drop_last=False)
-        val = DataLoader(val_ds, eval_batch_size, sampler=val_sampler, **common)
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        train = DataLoader(train_ds, batch_size, shuffle=True, drop_last=True, generator=gen,
-                           **common)
-        val = DataLoader(val_ds, eval_batch_size, shuffle=False, **common)
-    return Loaders(ChannelsLast(train), ChannelsLast(val), "folder", train_path, val_path,
-                   len(train_ds.classes), len(train_ds), len(val_ds), [])
+    train = FolderTrain(train_ds, batch_size, workers, seed, rank, world_size, pin)
+    # Evaluation: disjoint shards, no padding, so summed counts are exact.
+    shard = Subset(val_ds, range(rank, len(val_ds), world_size))
+    val = FolderVal(DataLoader(shard, eval_batch_size, shuffle=False, num_workers=workers,
+                               pin_memory=pin))
+    return Loaders(train, val, "folder", train_path, val_path, len(train_ds.classes),
+                   len(train_ds), len(val_ds), [])

@@ -69,10 +69,10 @@ def count_model(model: torch.nn.Module, resolution: int, name: str = "") -> Comp
 
 
 @cache
-def count(name: str, resolution: int = 224) -> Complexity:
+def count(name: str, resolution: int = 224, num_classes: int = 1000) -> Complexity:
     """Params and FLOPs of timm model `name` at `resolution`, on the meta device."""
     with torch.device("meta"):
-        model = _create(name, resolution)
+        model = _create(name, resolution, num_classes=num_classes)
     return count_model(model, resolution, name)
 
 

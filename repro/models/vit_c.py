@@ -44,6 +44,14 @@ EARLYCONV_CONFIGS = {
                  stem=(*_STEM_LARGE, (64, 128, 128, 256, 256, 512, 1024))),
 }
 
+# Not a paper row: a scaled-down ViT_C (same design — 3x3 conv-BN-ReLU stem, 1x1 conv to the
+# width, one block fewer than its ViT_P twin would have) for 32 px images, so the quickstart and
+# the tests train a real member of the family on a CPU in minutes. ~0.5 M parameters.
+SCALED_DOWN = {
+    "nano": dict(embed_dim=96, mlp_dim=288, num_heads=3, depth=5,
+                 stem=((3, 3, 1), (2, 2, 1), (24, 48, 96))),
+}
+
 
 class ConvStem(nn.Sequential):
     """3x3 conv-BN-ReLU layers (the stem's body; the final 1x1 conv is HybridEmbed's `proj`)."""
@@ -91,7 +99,7 @@ def _cfg() -> dict:
 
 
 def _create(variant: str, size: str, conv: bool, pretrained: bool, **kwargs):
-    cfg = dict(EARLYCONV_CONFIGS[size])
+    cfg = dict({**EARLYCONV_CONFIGS, **SCALED_DOWN}[size])
     kernels, strides, channels = cfg.pop("stem")
     mlp_dim = cfg.pop("mlp_dim")
     args = dict(patch_size=16, mlp_ratio=mlp_dim / cfg["embed_dim"], **cfg)
@@ -107,22 +115,26 @@ def _create(variant: str, size: str, conv: bool, pretrained: bool, **kwargs):
 
 def _register(size: str, conv: bool):
     name = f"vit_{'c' if conv else 'p'}_{size}"
-    label = f"ViT_{'C' if conv else 'P'}-{size[:-2].upper()}GF"
+    label = f"ViT_{'C' if conv else 'P'}-{size[:-2].upper()}GF (EarlyConv paper Table 1)" \
+        if size in EARLYCONV_CONFIGS else "Scaled-down ViT_C for 32 px (not a paper row)"
 
     def fn(pretrained: bool = False, **kwargs):
         return _create(name, size, conv, pretrained, **kwargs)
 
     fn.__name__ = name
     fn.__qualname__ = name
-    fn.__doc__ = f"{label} (EarlyConv paper Table 1)."
+    fn.__doc__ = f"{label}."
     fn.__module__ = __name__
     globals()[name] = register_model(fn)
 
 
 # No weights are published for these configs: timm's registry knows them as untrained.
-default_cfgs = generate_default_cfgs(
-    {f"vit_{k}_{size}": _cfg() for size in EARLYCONV_CONFIGS for k in "pc"})
+default_cfgs = generate_default_cfgs({
+    **{f"vit_{k}_{size}": _cfg() for size in EARLYCONV_CONFIGS for k in "pc"},
+    "vit_c_nano": {**_cfg(), "input_size": (3, 32, 32), "crop_pct": 1.0},
+})
 
 for _size in EARLYCONV_CONFIGS:
     _register(_size, conv=False)
     _register(_size, conv=True)
+_register("nano", conv=True)

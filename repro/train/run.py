@@ -1,0 +1,297 @@
+"""A training run from a recipe: build, resume if the run id exists, train, evaluate, record.
+
+Everything is checked (recipe, data, model, teacher) before the run directory is created, so a
+bad input leaves nothing behind. Rank 0 writes; every rank computes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from tqdm import tqdm
+
+import repro.models  # noqa: F401  (registers the papers' models)
+from repro.data import build_loaders
+from repro.recipe import Recipe, RecipeError, derive
+from repro.train import checkpoint, distributed, rundir
+from repro.train.loop import RunState, StepConfig, TrainingDiverged, evaluate, train_one_epoch
+from repro.train.optim import (
+    DistillationLoss,
+    build_base_loss,
+    build_mixup,
+    build_optimizer,
+    build_scheduler,
+)
+
+
+class RunExists(RuntimeError):
+    """The run id names a run that has finished: relaunching would overwrite it."""
+
+
+def smoke_overrides(recipe: Recipe) -> list[str]:
+    """`--smoke`: the recipe's model and optimisation, a few steps on the built-in data at a
+    small resolution, to check a recipe on a laptop before queueing it."""
+    res = 64
+    return ["data.dataset=digits", f"data.resolution={res}", f"eval.resolution={res}",
+            "data.train_images=null", "data.batch_size=8", "train.global_batch=16",
+            "eval.batch_size=64", "model.num_classes=10", "train.max_steps=4",
+            "train.log_every_steps=1", "data.workers=2", "train.amp=none",
+            "train.compile=false", "train.device=cpu"]
+
+
+def _create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
+    m = recipe.model
+    kwargs = dict(m.kwargs)
+    kwargs.update(num_classes=num_classes, drop_rate=m.drop_rate)
+    if m.drop_path:
+        kwargs["drop_path_rate"] = m.drop_path
+    cfg = timm.models.get_pretrained_cfg(m.name)
+    if cfg is not None and cfg.fixed_input_size and cfg.input_size[-1] != recipe.data.resolution:
+        kwargs.setdefault("img_size", recipe.data.resolution)
+    if not timm.is_model(m.name):
+        raise RecipeError(recipe.path, "model.name", f"unknown model {m.name!r}")
+    model = timm.create_model(m.name, **kwargs)
+    if m.pretrained_file:
+        model.load_state_dict(checkpoint.load_weights(m.pretrained_file, "model.pretrained_file"))
+    return model
+
+
+def _teacher(recipe: Recipe, num_classes: int, smoke: bool) -> tuple[torch.nn.Module | None,
+                                                                      str | None]:
+    d = recipe.distill
+    if d.type == "none":
+        return None, None
+    teacher = timm.create_model(d.teacher, num_classes=num_classes)
+    note = None
+    if d.teacher_file and Path(d.teacher_file).is_file():
+        teacher.load_state_dict(checkpoint.load_weights(d.teacher_file, "distill.teacher"))
+    elif smoke:
+        note = f"untrained teacher: {d.teacher_file} not present (smoke run)"
+    else:
+        raise RecipeError(recipe.path, "distill.teacher_file",
+                          f"{d.teacher_file}: teacher weights not found (no downloads: put the "
+                          f"{d.teacher} weights file there first)")
+    return teacher.eval().requires_grad_(False), note
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)  # same initial weights on every rank (DDP also broadcasts them)
+
+
+def train(recipe: Recipe, *, smoke: bool = False, run_id: str | None = None,
+          hooks: list[Callable[[RunState], None]] | None = None, progress: bool = True) -> Path:
+    """Run (or resume) `recipe`; returns the run directory. Hooks see the state after each
+    optimizer step (for tests and tooling; they may raise to interrupt the run)."""
+    env = distributed.setup(recipe.train.device)
+    try:
+        return _train(recipe, env, smoke=smoke, run_id=run_id, hooks=hooks or [],
+                      progress=progress)
+    finally:
+        distributed.teardown()
+
+
+def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
+    t = recipe.train
+    _seed_everything(t.seed, env.rank)
+    probe = derive(recipe, env.world_size, train_images=1 << 40)  # batch split only
+    loaders = build_loaders(recipe, batch_size=probe.micro_batch, rank=env.rank,
+                            world_size=env.world_size, device=str(env.device), seed=t.seed)
+    d = derive(recipe, env.world_size, train_images=loaders.train_images)
+    if recipe.model.num_classes != loaders.num_classes:
+        raise RecipeError(recipe.path, "model.num_classes",
+                          f"{recipe.model.num_classes} but the data have {loaders.num_classes} "
+                          "classes")
+
+    model = _create_model(recipe, loaders.num_classes).to(env.device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    teacher, teacher_note = _teacher(recipe, loaders.num_classes, smoke)
+    if teacher is not None:
+        teacher.to(env.device)
+        if hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(True)  # LeViT: class head + distillation head
+    ema = None
+    if t.ema is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=t.ema)
+    optimizer = build_optimizer(model, recipe, d.lr)
+    scheduler = build_scheduler(optimizer, recipe, d)
+    scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" and env.device.type == "cuda" \
+        else None
+    mixup = build_mixup(recipe, loaders.num_classes)
+    loss_fn = DistillationLoss(build_base_loss(recipe, mixup), teacher, recipe.distill.type,
+                               recipe.distill.alpha, recipe.distill.tau)
+    unwrapped = model
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if t.compile:
+        model = torch.compile(model)
+
+    # The run directory: only now, with everything checked.
+    run_id = distributed.broadcast_object(run_id or t.run_id or rundir.new_run_id(t.seed), env)
+    path = rundir.run_dir(t.output_dir, recipe.name, run_id)
+    state = RunState()
+    last = path / "checkpoints" / "last.pt"
+    previous = rundir.read_results(path)
+    if previous and previous.get("status") == "complete":
+        raise RunExists(f"{path}: this run has completed; launch without a run id for a new "
+                        "run (it would be overwritten otherwise)")
+    if last.exists():
+        ck = checkpoint.load(last)
+        unwrapped.load_state_dict(ck["model"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        state.load_state_dict(ck["state"])
+        rng = ck["rng"]
+        checkpoint.set_rng_state(rng[env.rank] if env.rank < len(rng) else rng[0])
+    if env.is_main:
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        rundir.write_launch_files(path, recipe, d, smoke=smoke, world_size=env.world_size,
+                                  device=env.device)
+    log = rundir.MetricsLog(path, enabled=env.is_main)
+
+    from repro.measure.complexity import count
+
+    try:
+        cx = count(recipe.model.name, recipe.data.resolution, loaders.num_classes)
+        complexity = {"params_m": cx.params_m, "gmacs": cx.gmacs,
+                      "resolution": recipe.data.resolution}
+    except Exception as e:  # a model kwarg the meta count cannot take; report, don't fail
+        complexity = {"params_m": sum(p.numel() for p in unwrapped.parameters()) / 1e6,
+                      "gmacs": None, "error": f"{type(e).__name__}: {e}"}
+
+    cfg = StepConfig(env=env, accum_steps=d.accum_steps, amp=t.amp,
+                     channels_last=t.channels_last, clip_grad=recipe.optim.clip_grad,
+                     clip_mode=recipe.optim.clip_mode, mixup=mixup, ema=ema, scaler=scaler,
+                     log_every=t.log_every_steps)
+    epochs = recipe.schedule.epochs
+    max_steps = t.max_steps
+    base = {"run_id": run_id, "recipe": recipe.name, "paper_row": recipe.row_id,
+            "canonical": recipe.canonical and not smoke, "smoke": smoke,
+            "non_canonical_keys": recipe.non_canonical_keys, "epochs_planned": epochs,
+            "steps_planned": d.total_steps, "world_size": env.world_size,
+            "device": str(env.device), "amp": t.amp, "channels_last": t.channels_last,
+            "compile": t.compile, "data_format": loaders.format,
+            "augmentations_not_applied": loaders.not_applied, "global_batch": d.global_batch,
+            "lr": d.lr, **complexity}
+    if teacher_note:
+        base["notes"] = teacher_note
+    evals: dict = {}
+    started = time.perf_counter()
+
+    def save(status: str) -> None:
+        """Checkpoint (all ranks' RNG) and results, rank 0 writing."""
+        state_dict = {**state.state_dict(),
+                      "wall_time_s": state.wall_time_s + (time.perf_counter() - started)}
+        rngs = [checkpoint.rng_state()]
+        if env.distributed:
+            rngs = [None] * env.world_size
+            torch.distributed.all_gather_object(rngs, checkpoint.rng_state())
+        if not env.is_main:
+            return
+        checkpoint.save(last, {
+            "model": unwrapped.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "state": state_dict, "rng": rngs, "world_size": env.world_size,
+        })
+        write_results(status)
+
+    def write_results(status: str) -> None:
+        if env.is_main:
+            rundir.write_results(path, {
+                **base, "status": status, "epochs_done": state.epoch, "steps_done": state.step,
+                "images_seen": state.images_seen, "train_time_s": state.train_time_s,
+                "wall_time_s": state.wall_time_s + (time.perf_counter() - started),
+                **{f"final/{k}": v for k, v in evals.items()},
+                **{f"best/{k}": v for k, v in state.best.items()},
+            })
+
+    def on_step(s: RunState, metrics: dict) -> bool:
+        for hook in hooks:
+            hook(s)
+        if metrics:
+            log.log(s.step, {"epoch": s.epoch, **metrics})
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                                lr=f"{metrics['train/lr']:.2e}")
+        if bar is not None:
+            bar.update(1)
+        if max_steps is not None and s.step >= max_steps:
+            return False
+        if s.step % t.checkpoint_every_steps == 0:
+            save("running")
+        return True
+
+    bar = None
+    status = "complete"
+    try:
+        while state.epoch < epochs:
+            if progress and env.is_main:
+                bar = tqdm(total=d.steps_per_epoch, initial=state.batch_in_epoch // d.accum_steps,
+                           desc=f"epoch {state.epoch + 1}/{epochs}", unit="step", leave=False,
+                           disable=None)  # None: off when stderr is not a terminal
+            t0 = time.perf_counter()
+            done = train_one_epoch(model, loaders.train.epoch(state.epoch, state.batch_in_epoch),
+                                   optimizer, scheduler, loss_fn, state, cfg,
+                                   steps=d.steps_per_epoch, unwrapped=unwrapped, on_step=on_step)
+            state.train_time_s += time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+            if not done:  # train.max_steps reached mid-epoch
+                status = "incomplete"
+                break
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            last_epoch = state.epoch == epochs
+            if last_epoch or state.epoch % recipe.eval.every_epochs == 0:
+                evals = _evaluate_all(model, ema, loaders, env, t)
+                for k, v in evals.items():
+                    if k.endswith("/top1") and v > state.best.get(k, -1):
+                        state.best[k] = v
+                        if env.is_main and k == "eval/top1":
+                            checkpoint.save(path / "checkpoints" / "best.pt",
+                                            {"model": unwrapped.state_dict(), "epoch": state.epoch})
+                log.log(state.step, {"epoch": state.epoch, **evals})
+                if env.is_main and progress:
+                    tqdm.write(f"epoch {state.epoch}/{epochs}: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in evals.items() if k.endswith("top1")))
+            save("running" if not last_epoch else status)
+        if status == "incomplete":
+            evals = _evaluate_all(model, ema, loaders, env, t)
+            log.log(state.step, {"epoch": state.epoch, **evals})
+            save(status)
+    except TrainingDiverged as e:
+        write_results("failed")
+        log.close()
+        raise TrainingDiverged(f"{path}: {e}; the last good checkpoint is kept: "
+                               f"{last if last.exists() else 'none yet'}") from None
+    log.close()
+    return path
+
+
+def _evaluate_all(model, ema, loaders, env, t) -> dict:
+    out = {}
+    for prefix, m in (("eval", model), ("eval_ema", ema.module if ema is not None else None)):
+        if m is None:
+            continue
+        r = evaluate(m, loaders.val, env, amp=t.amp, channels_last=t.channels_last)
+        out.update({f"{prefix}/{k}": v for k, v in r.items() if k != "count"})
+        out[f"{prefix}/count"] = r["count"]
+    return out
+
