@@ -1,0 +1,192 @@
+"""The trainer: real training steps on the built-in digits, resume, DDP, accumulation, faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from repro.cli import main
+from repro.launch.local import launch, resolve
+from repro.train import checkpoint
+from repro.train.run import RunExists, train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes/quickstart.yaml")
+
+
+def recipe(tmp_path, *overrides, fmt="folder"):
+    """The quickstart recipe, small and on the ImageFolder path unless asked otherwise."""
+    return resolve(QUICKSTART, [f"train.output_dir={tmp_path}/runs", f"data.format={fmt}",
+                                "train.log_every_steps=1", "data.workers=0",
+                                "train.device=cpu", *overrides], smoke=False)
+
+
+def weights(run: Path) -> dict:
+    return checkpoint.load(run / "checkpoints/last.pt")
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_tensors(a: dict, b: dict, exact: bool = True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_short_run_lowers_the_loss_and_leaves_a_complete_run_dir(tmp_path):
+    run = train(recipe(tmp_path, "schedule.epochs=3", "schedule.warmup_epochs=0.5"),
+                progress=False)
+    losses = [m["train/loss"] for m in metrics(run) if "train/loss" in m]
+    assert len(losses) == 3 * 22
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # from ln(10) = 2.30
+    for name in ("recipe.yaml", "launch.json", "env.json", "metrics.jsonl", "results.json",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    r = json.loads((run / "results.json").read_text())
+    assert r["schema_version"] == 1 and r["status"] == "complete"
+    assert (r["epochs_done"], r["epochs_planned"], r["steps_done"]) == (3, 3, 66)
+    assert r["final/eval/count"] == 360 and r["final/eval/top1"] > 30  # chance is 10
+    assert "final/eval_ema/top1" in r and r["params_m"] > 0.3 and r["gmacs"] > 0
+    assert r["canonical"] is False and "schedule.epochs" in r["non_canonical_keys"]
+    env = json.loads((run / "env.json").read_text())
+    assert env["world_size"] == 1 and env["versions"]["torch"] == torch.__version__
+    keys = set().union(*metrics(run))
+    assert {"train/lr", "throughput/images_per_s", "time/data_pct", "eval/top1",
+            "eval_ema/top1"} <= keys
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _kill_at(step: int):
+    def hook(state):
+        if state.step == step:
+            raise Interrupt(f"killed at step {step}")
+    return hook
+
+
+def test_resume_matches_uninterrupted_bitwise(tmp_path):
+    # Mixup (numpy RNG), drop path (torch RNG), EMA and two epochs: everything resume restores.
+    overrides = ["schedule.epochs=2", "aug.mixup=0.2", "model.drop_path=0.1",
+                 "train.checkpoint_every_steps=10", "data.workers=2"]
+    full = train(recipe(tmp_path / "a", *overrides), run_id="r", progress=False)
+    r = recipe(tmp_path / "b", *overrides)
+    with pytest.raises(Interrupt):
+        train(r, run_id="r", hooks=[_kill_at(27)], progress=False)  # last save: step 20
+    resumed = train(r, run_id="r", progress=False)
+    a, b = weights(full), weights(resumed)
+    assert b["state"]["step"] == 44
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["ema"], b["ema"])
+    env = json.loads((resumed / "env.json").read_text())
+    assert env["launches"] == 2
+
+
+def test_relaunching_a_completed_run_refuses(tmp_path):
+    r = recipe(tmp_path, "schedule.epochs=1", "train.max_steps=2", "train.run_id=done")
+    run = train(r, progress=False)
+    assert json.loads((run / "results.json").read_text())["status"] == "incomplete"
+    run = train(recipe(tmp_path, "schedule.epochs=1", "train.run_id=done"), progress=False)
+    before = (run / "checkpoints/last.pt").read_bytes()
+    with pytest.raises(RunExists, match="has completed"):
+        train(recipe(tmp_path, "schedule.epochs=1", "train.run_id=done"), progress=False)
+    assert (run / "checkpoints/last.pt").read_bytes() == before
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"model": {"w": torch.ones(3)}})
+    import repro.io
+
+    def crash(src, dst):
+        raise KeyboardInterrupt  # killed between write and rename
+
+    monkeypatch.setattr(repro.io.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+LN_ONLY = ["model.name=vit_p_1gf", "model.kwargs={depth: 1, img_size: 32}",
+           "train.ema=null", "train.max_steps=5", "schedule.epochs=1", "aug.mixup=0"]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    # LayerNorm-only model: BatchNorm statistics would legitimately differ per process.
+    one = launch(recipe(tmp_path / "one", *LN_ONLY, "data.batch_size=32",
+                        "train.global_batch=32"), run_id="x")
+    two = launch(recipe(tmp_path / "two", *LN_ONLY, "data.batch_size=16",
+                        "train.global_batch=32"), nproc=2, run_id="x")
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    a, b = weights(one), weights(two)
+    assert a["state"]["step"] == b["state"]["step"] == 5
+    assert_same_tensors(a["model"], b["model"], exact=False)
+    ra, rb = (json.loads((p / "results.json").read_text()) for p in (one, two))
+    assert rb["final/eval/count"] == 360  # sharded evaluation counts every image once
+    assert rb["final/eval/top1"] == pytest.approx(ra["final/eval/top1"], abs=0.3)
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path):
+    big = train(recipe(tmp_path / "big", *LN_ONLY, "data.batch_size=32",
+                       "train.global_batch=32"), progress=False)
+    small = train(recipe(tmp_path / "small", *LN_ONLY, "data.batch_size=8",
+                         "train.global_batch=32"), progress=False)
+    assert json.loads((small / "launch.json").read_text())["derived"]["accum_steps"] == 4
+    assert_same_tensors(weights(big)["model"], weights(small)["model"], exact=False)
+
+
+def test_nan_loss_stops_cleanly(tmp_path, capsys):
+    args = ["launch", QUICKSTART, f"train.output_dir={tmp_path}", "data.format=folder",
+            "data.workers=0", "optim.name=sgd", "optim.lr=1e30", "schedule.warmup_epochs=0",
+            "train.checkpoint_every_steps=1", "train.run_id=nan", "train.device=cpu"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "loss is nan" in err.lower() and "last.pt" in err
+    run = tmp_path / "quickstart" / "nan"
+    ck = checkpoint.load(run / "checkpoints/last.pt")  # the last good one, loadable
+    assert ck["state"]["step"] >= 1
+    assert json.loads((run / "results.json").read_text())["status"] == "failed"
+
+
+def test_distillation_and_ema_paths_run(tmp_path):
+    import timm
+
+    teacher = timm.create_model("vit_c_nano", num_classes=10)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    run = train(recipe(tmp_path, "model.name=levit_128s", "model.kwargs={img_size: 32}",
+                       "distill.type=hard", "distill.teacher=vit_c_nano",
+                       f"distill.teacher_file={tmp_path}/teacher.pth", "train.ema=0.9",
+                       "train.max_steps=3", "schedule.epochs=1", "train.amp=bf16"),
+                progress=False)
+    r = json.loads((run / "results.json").read_text())
+    assert r["status"] == "incomplete" and r["amp"] == "bf16"
+    assert r["final/eval/count"] == r["final/eval_ema/count"] == 360
+    with pytest.raises(Exception, match="teacher weights not found"):
+        train(recipe(tmp_path, "distill.type=hard", "distill.teacher=vit_c_nano",
+                     "distill.teacher_file=/nope.pth"), progress=False)
+
+
+@pytest.mark.parametrize("name", ["earlyconv_vitb", "levit_128s", "cvt_13", "coatnet_0"])
+def test_smoke_runs_each_papers_recipe(tmp_path, capsys, name):
+    assert main(["launch", str(ROOT / f"recipes/{name}.yaml"), "--smoke",
+                 f"train.output_dir={tmp_path}"]) == 0
+    run = next((tmp_path / name).iterdir())
+    r = json.loads((run / "results.json").read_text())
+    assert r["smoke"] is True and r["canonical"] is False and r["status"] == "incomplete"
+    assert r["steps_done"] == 4 and r["final/eval/count"] == 360
+    recipe_yaml = (run / "recipe.yaml").read_text()
+    assert "--smoke" not in recipe_yaml and "dataset: digits" in recipe_yaml
+    for f in ("env.json", "launch.json", "metrics.jsonl", "checkpoints/last.pt"):
+        assert (run / f).is_file()
