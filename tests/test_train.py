@@ -178,6 +178,15 @@ def test_distillation_and_ema_paths_run(tmp_path):
                      "distill.teacher_file=/nope.pth"), progress=False)
 
 
+def test_recipe_with_missing_data_fails_in_one_line_and_writes_nothing(tmp_path, capsys):
+    assert main(["launch", str(ROOT / "recipes/earlyconv_vitb.yaml"),
+                 f"train.output_dir={tmp_path}", f"data.train_path={tmp_path}/in1k.beton"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path}/in1k.beton: FFCV .beton file not found" in err
+    assert "repro data convert" in err
+    assert list(tmp_path.iterdir()) == []  # no half-made run directory
+
+
 @pytest.mark.parametrize("name", ["earlyconv_vitb", "levit_128s", "cvt_13", "coatnet_0"])
 def test_smoke_runs_each_papers_recipe(tmp_path, capsys, name):
     assert main(["launch", str(ROOT / f"recipes/{name}.yaml"), "--smoke",
