@@ -89,11 +89,6 @@ def test_bad_override_is_a_one_line_error(capsys):
     assert "earlyconv_vitb.yaml" in err and "optim.lrr" in err and "optim.lr'" in err
 
 
-def test_launch_without_dry_run_is_not_built_yet(capsys):
-    code, _, err = run_cli(capsys, "launch", str(ROOT / "recipes/earlyconv_vitb.yaml"))
-    assert code == 2 and "not built yet" in err and err.count("\n") == 1
-
-
 @pytest.mark.parametrize("command", sorted(NOT_BUILT))
 def test_unbuilt_subcommands_say_so_in_one_line(capsys, command):
     code, out, err = run_cli(capsys, command)
