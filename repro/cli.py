@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 # Subcommands that later work adds; until then they say so in one line and exit 2.
 NOT_BUILT = {
@@ -11,7 +12,6 @@ NOT_BUILT = {
     "profile": "torch.profiler traces of training steps (issue: measure and report)",
     "eval": "top-1/top-5 of a checkpoint (issue: measure and report)",
     "report": "paper-vs-measured markdown (issue: measure and report)",
-    "status": "state of local and Slurm runs (issue: Slurm)",
 }
 
 EXIT_ERROR = 1  # bad input: a recipe, paper table or path problem, reported in one line
@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local processes (DDP; gloo on CPU, NCCL on GPUs)")
     launch.add_argument("--run-id", default=None,
                         help="run id; relaunching an unfinished run's id resumes it")
+    launch.add_argument("--cluster", metavar="PROFILE",
+                        help="submit to Slurm with this cluster profile (slurm/clusters/*.yaml)")
+    launch.add_argument("--nodes", type=int, default=None,
+                        help="nodes for --cluster (default: the recipe's launch.nodes)")
+    launch.add_argument("--array", metavar="seeds=0,1,2", default=None,
+                        help="with --cluster: a job array, one run per seed")
 
     verify = sub.add_parser(
         "verify", help="params and FLOPs of every paper row against the paper",
@@ -82,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     dig = dsub.add_parser("digits", help="build the built-in digits set (done on first use)")
     dig.add_argument("--size", type=int, default=32, help="image side in px (default 32)")
 
+    status = sub.add_parser("status", help="state of local and Slurm runs")
+    status.add_argument("path", nargs="?", default="runs", help="a run directory or runs/")
+
     sub.add_parser("doctor", help="versions, and what is missing with its install line")
 
     for name, what in NOT_BUILT.items():
@@ -93,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_launch(args) -> int:
     from repro.launch import local, plan
 
+    if args.cluster:
+        return _launch_slurm(args)
+    if args.array:
+        raise SystemExit("repro launch: error: --array needs --cluster")
     recipe = local.resolve(args.recipe, args.overrides, args.smoke)
     if args.dry_run:
         print(plan.render(recipe, args.world_size))
@@ -107,6 +120,48 @@ def cmd_launch(args) -> int:
             k.endswith("top1")}
     print(f"run {r.get('status', '?')}: {path}  (epochs {r.get('epochs_done')}/"
           f"{r.get('epochs_planned')}, steps {r.get('steps_done')}; {top1})")
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    key, _, values = text.partition("=")
+    try:
+        seeds = [int(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        seeds = []
+    if key.strip() != "seeds" or not seeds:
+        raise SystemExit(f"repro launch: error: --array expects seeds=0,1,2, got {text!r}")
+    return seeds
+
+
+def _launch_slurm(args) -> int:
+    from repro.launch import slurm
+
+    seeds = _seeds(args.array) if args.array else None
+    records = slurm.submit(args.recipe, args.overrides, args.cluster, nodes=args.nodes,
+                           smoke=args.smoke, run_id=args.run_id, seeds=seeds,
+                           dry_run=args.dry_run)
+    if args.dry_run:
+        print(slurm.render_dry_run(records))
+        return 0
+    for r in records:
+        print(f"submitted job {r['job_id']}: {r['run_dir']}  (logs: {r['slurm_folder']})")
+    print("follow with: repro status " + (records[0]["run_dir"] if len(records) == 1 else
+                                           str(Path(records[0]["run_dir"]).parent)))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from repro.launch import status
+
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    runs = status.find_runs(path)
+    if not runs:
+        print(f"no runs under {path}")
+        return 0
+    print(status.render([status.describe(r) for r in runs]))
     return 0
 
 
@@ -173,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NOT_BUILT
     try:
         handler = {"launch": cmd_launch, "verify": cmd_verify, "data": cmd_data,
-                   "doctor": cmd_doctor}
+                   "status": cmd_status, "doctor": cmd_doctor}
         return handler[args.command](args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         if not _is_input_error(e):

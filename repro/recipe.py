@@ -28,6 +28,7 @@ __all__ = [
     "RecipeError",
     "Derived",
     "load_recipe",
+    "load_typed",
     "parse_override",
     "derive",
     "field_docs",
@@ -486,8 +487,10 @@ def field_docs() -> dict[str, str]:
     return {k: f.metadata.get("doc", "") for k, f in _all_keys().items()}
 
 
-def _suggest(dotted: str) -> str:
-    keys = list(_all_keys()) + list(_SECTIONS)
+def _suggest(dotted: str, root=None) -> str:
+    root = root or Recipe
+    keys = list(_all_keys(root)) + [f.name for f in dataclasses.fields(root)
+                                    if not f.metadata.get("internal")]
     leaf = dotted.rsplit(".", 1)[-1]
     same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != dotted]
     close = same_leaf or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
@@ -559,7 +562,7 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _build(cls, data, prefix: str, prov: dict, default_file):
+def _build(cls, data, prefix: str, prov: dict, default_file, root=None):
     """Turn a (merged) mapping into dataclass `cls`, checking every key and value."""
     def err_for(key):
         return lambda msg: RecipeError(prov.get(key, default_file), key, msg)
@@ -573,13 +576,14 @@ def _build(cls, data, prefix: str, prov: dict, default_file):
         if key not in fields:
             dotted = f"{prefix}{key}"
             raise RecipeError(prov.get(dotted, default_file), dotted,
-                              f"unknown key{_suggest(dotted)}")
+                              f"unknown key{_suggest(dotted, root or cls)}")
     kwargs = {}
     for name, f in fields.items():
         dotted = f"{prefix}{name}"
         t = hints[name]
         if dataclasses.is_dataclass(t):
-            kwargs[name] = _build(t, data.get(name, {}) or {}, dotted + ".", prov, default_file)
+            kwargs[name] = _build(t, data.get(name, {}) or {}, dotted + ".", prov, default_file,
+                                  root or cls)
             continue
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -653,6 +657,17 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     recipe.overrides = list(overrides)
     recipe.non_canonical_keys = _changed_scientific(from_file, recipe)
     return recipe
+
+
+def load_typed(path: str | os.PathLike, cls):
+    """Read a YAML file (with `_base_` and `${ENV}`) into dataclass `cls`, checked like a
+    recipe: one-line errors naming the file and the dotted key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(path, None, "file not found")
+    prov: dict[str, str] = {}
+    tree = _interpolate_tree(_load_tree(path, (), prov), prov, str(path))
+    return _build(cls, tree, "", prov, str(path))
 
 
 def _changed_scientific(from_file: dict, recipe: Recipe) -> list[str]:

@@ -1,0 +1,83 @@
+"""`repro status`: where runs are — local or Slurm — from their run directories (and sacct)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tabulate import tabulate
+
+from repro.launch.slurm import load_cluster, slurm_state
+
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                 "BOOT_FAIL", "DEADLINE"}
+
+
+def find_runs(path: Path) -> list[Path]:
+    """Run directories at or below `path` (they hold launch.json or slurm.json)."""
+    if (path / "launch.json").exists() or (path / "slurm.json").exists():
+        return [path]
+    found = {p.parent for name in ("launch.json", "slurm.json") for p in path.rglob(name)}
+    return sorted(p for p in found if "_code" not in p.parts)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _last_metrics(path: Path) -> dict:
+    f = path / "metrics.jsonl"
+    if not f.exists():
+        return {}
+    last: dict = {}
+    for line in f.read_text().splitlines():
+        last.update(json.loads(line))
+    return last
+
+
+def describe(run: Path) -> dict:
+    """One run's state, as `repro status` shows it."""
+    results, slurm, env = _json(run / "results.json"), _json(run / "slurm.json"), \
+        _json(run / "env.json")
+    metrics = _last_metrics(run)
+    state = None
+    if slurm:
+        conf = None
+        try:
+            conf = load_cluster(slurm["cluster"]).slurm_conf
+        except Exception:  # the profile moved: ask Slurm with the caller's environment
+            pass
+        state = slurm_state(slurm["job_id"], conf)
+    status = results.get("status") or ("submitted" if slurm else "started")
+    if state in FAILED_STATES or status == "failed":
+        status = "failed"
+    elif state == "COMPLETED" and status == "running":
+        status = "incomplete"
+    return {
+        "run": str(run), "status": status, "job": slurm.get("job_id", "local"),
+        "slurm_state": state or "-", "requeues": env.get("requeue_count", 0),
+        "epoch": f"{results.get('epochs_done', metrics.get('epoch', 0))}/"
+                 f"{results.get('epochs_planned', '?')}",
+        "step": results.get("steps_done", metrics.get("step", 0)),
+        "loss": metrics.get("train/loss"), "top1": metrics.get("eval/top1"),
+        "ema_top1": metrics.get("eval_ema/top1"), "stderr": slurm.get("stderr"),
+    }
+
+
+def _tail(path: str | None, n: int = 15) -> list[str]:
+    if not path or not Path(path).exists():
+        return []
+    return Path(path).read_text(errors="replace").splitlines()[-n:]
+
+
+def render(rows: list[dict]) -> str:
+    cols = ["run", "status", "job", "slurm_state", "requeues", "epoch", "step", "loss", "top1",
+            "ema_top1"]
+    out = [tabulate([[r[c] if r[c] is not None else "-" for c in cols] for r in rows], cols,
+                    tablefmt="simple", floatfmt=".3g")]
+    for r in rows:
+        if r["status"] == "failed":
+            tail = _tail(r["stderr"])
+            if tail:
+                out += ["", f"--- {r['run']}: last lines of {r['stderr']} ---", *tail]
+    return "\n".join(out)
