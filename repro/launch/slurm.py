@@ -145,7 +145,7 @@ def submit(recipe_path: str, overrides: list[str], cluster_path: str, *, nodes: 
     params = sbatch_parameters(recipes[0][0], cluster, nodes)
     if dry_run:
         return [{"run_dir": str(p), "sbatch": params, "env": _cluster_env(cluster),
-                 "recipe": r.to_dict()} for r, _, p in recipes]
+                 "recipe": r.to_dict(), "_recipe": r} for r, _, p in recipes]
 
     env = _cluster_env(cluster)
     old_env = {k: os.environ.get(k) for k in env}
@@ -199,8 +199,16 @@ def render_dry_run(records: list[dict]) -> str:
     """What `--cluster ... --dry-run` prints: sbatch parameters, environment, run dirs."""
     import yaml
 
+    from repro.launch.plan import derived_table
+
     r0 = records[0]
-    lines = ["# sbatch parameters (submitit)", yaml.safe_dump(r0["sbatch"], sort_keys=False)]
+    s = r0["sbatch"]
+    world = s["nodes"] * s["tasks_per_node"]
+    lines = ["# sbatch parameters (submitit)", yaml.safe_dump(s, sort_keys=False),
+             f"# distributed: world size {world} = {s['nodes']} node(s) x {s['tasks_per_node']} "
+             "task(s); each task takes RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR (the first "
+             "node) and MASTER_PORT from submitit's TorchDistributedEnvironment",
+             derived_table(r0["_recipe"], [world]), ""]
     if r0["env"]:
         lines += ["# job environment", yaml.safe_dump(r0["env"], sort_keys=False)]
     lines += ["# run directories"] + [f"- {r['run_dir']}" for r in records]
