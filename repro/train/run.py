@@ -7,6 +7,7 @@ bad input leaves nothing behind. Rank 0 writes; every rank computes.
 from __future__ import annotations
 
 import random
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -158,10 +159,14 @@ def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
         state.load_state_dict(ck["state"])
         rng = ck["rng"]
         checkpoint.set_rng_state(rng[env.rank] if env.rank < len(rng) else rng[0])
+    hosts = [socket.gethostname()]
+    if env.distributed:
+        hosts = [None] * env.world_size
+        torch.distributed.all_gather_object(hosts, socket.gethostname())
     if env.is_main:
         (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         rundir.write_launch_files(path, recipe, d, smoke=smoke, world_size=env.world_size,
-                                  device=env.device)
+                                  device=env.device, hosts=hosts)
     log = rundir.MetricsLog(path, enabled=env.is_main)
 
     from repro.measure.complexity import count

@@ -47,7 +47,7 @@ def _git_commit() -> dict:
     return {"commit": commit or None, "dirty": bool(dirty) if commit else None}
 
 
-def environment(world_size: int, device: torch.device) -> dict:
+def environment(world_size: int, device: torch.device, hosts: list[str] | None = None) -> dict:
     """Versions, code, hardware and scheduler facts of this launch."""
     import timm
     import torchvision
@@ -77,6 +77,8 @@ def environment(world_size: int, device: torch.device) -> dict:
                      "torch_threads": torch.get_num_threads(), "gpus": gpus,
                      "device": str(device)},
         "world_size": world_size,
+        "rank_hosts": hosts or [socket.gethostname()],  # the host of each rank, in rank order
+        "code": str(Path(__file__).resolve().parents[1]),  # the repro package that ran
         "slurm": {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID",
                                              "SLURM_ARRAY_TASK_ID", "SLURM_NODELIST")
                   if k in os.environ},
@@ -85,7 +87,7 @@ def environment(world_size: int, device: torch.device) -> dict:
 
 
 def write_launch_files(path: Path, recipe, derived, *, smoke: bool, world_size: int,
-                       device) -> None:
+                       device, hosts: list[str] | None = None) -> None:
     """recipe.yaml (resolved), launch.json (source, overrides, derived), env.json."""
     from dataclasses import asdict
 
@@ -99,7 +101,7 @@ def write_launch_files(path: Path, recipe, derived, *, smoke: bool, world_size: 
         "derived": asdict(derived),
     })
     env_path = path / "env.json"
-    env = environment(world_size, device)
+    env = environment(world_size, device, hosts)
     if env_path.exists():  # a resumed run: keep the history of launches
         old = json.loads(env_path.read_text())
         env["launches"] = old.get("launches", 1) + 1
