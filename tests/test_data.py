@@ -293,3 +293,19 @@ def test_cli_convert_and_digits(hostile, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "train_32_0.50_90.beton" in out and "9 images" in out and "skipped 2" in out
     assert (tmp_path / "train_32_0.50_90.beton").is_file()
+
+
+def test_ffcv_leaves_torch_threads_alone(digits):
+    from repro.data.ffcv import import_ffcv, make_loader, train_pipeline
+
+    torch.set_num_threads(2)
+    import_ffcv()
+    assert torch.get_num_threads() == 2  # importing ffcv would set 1
+    loader = make_loader(str(digits[0].train_beton),
+                         train_pipeline(32, (0.5, 1.0), (0.75, 4 / 3), 0.5, MEAN / 255,
+                                        STD / 255, "cpu"),
+                         batch_size=64, workers=1, train=True, distributed=False,
+                         device="cpu", seed=0)
+    for _ in loader:  # ffcv's loader thread sets threads at each epoch's start
+        pass
+    assert torch.get_num_threads() == 2

@@ -91,9 +91,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
 
     `dst` may be a directory (or end in '/'): the file is then named by `default_name`.
     """
+    from tqdm import tqdm
+
+    from repro.data.ffcv import import_ffcv
+
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
-    from tqdm import tqdm
 
     src = Path(src)
     if not src.is_dir():

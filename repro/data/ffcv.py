@@ -9,11 +9,16 @@ ToTorchImage) last: one switch, which the graph code handles. On GPU the order i
 ffcv-imagenet's (ToDevice before ToTorchImage and the normalisation on the device). The tests
 run exactly these pipelines on CPU under a timeout. No patch to ffcv is applied.
 
-Other FFCV behaviour designed around (../shared/FFCV_NOTES.md): creating a Loader sets torch's
-thread count to its worker count (restored here); batches reuse buffers (the trainer must copy
-what it keeps); `drop_last` defaults to True (val sets it False); QUASI_RANDOM order does not
-support distributed loading (RANDOM is used under DDP, as ffcv-imagenet does); every new Loader
-compiles its pipeline with numba (~10 s for the train pipeline).
+Threads. ffcv sets torch's (process-wide) intra-op thread count along with numba's: to 1 when
+it is imported, to `num_workers` for every Loader and again from its loader thread at every
+epoch. A trainer would silently run on 1 or `num_workers` threads. `import_ffcv()` keeps the
+count torch had before the import and narrows ffcv's `Compiler.set_num_threads` to numba's
+threads, the ones its pipelines use; every FFCV use in repro goes through it.
+
+Other FFCV behaviour designed around (../shared/FFCV_NOTES.md): batches reuse buffers (the
+trainer must copy what it keeps); `drop_last` defaults to True (val sets it False); QUASI_RANDOM
+order does not support distributed loading (RANDOM is used under DDP, as ffcv-imagenet does);
+every new Loader compiles its pipeline with numba (~10 s for the train pipeline).
 
 FFCV's decoders resize with OpenCV's INTER_AREA; that is fixed in ffcv 1.0.2, so the recipe's
 `data.interpolation` applies only to the ImageFolder loader. Per-image augmentations FFCV has no
@@ -23,6 +28,7 @@ operation for (RandAugment/AutoAugment, colour jitter, random erasing) are repor
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +37,31 @@ import torch
 from repro.data import DataError, Loaders
 from repro.data.convert import read_sidecar
 
+_PATCHED = False
+
+
+def import_ffcv():
+    """Import ffcv without letting it take over torch's thread count (see module doc)."""
+    global _PATCHED
+    threads = torch.get_num_threads()
+    import ffcv  # noqa: F401  (importing sets torch to 1 thread)
+    from ffcv.pipeline.compiler import Compiler
+
+    if not _PATCHED:
+        import numba
+
+        def set_num_threads(cls, n):
+            cls.num_threads = n if n >= 1 else (os.cpu_count() or 1)
+            numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
+
+        Compiler.set_num_threads = classmethod(set_num_threads)
+        _PATCHED = True
+        torch.set_num_threads(threads)
+
 
 def _open(path: str, split: str) -> int:
     """Number of samples in the .beton at `path`; a one-line DataError if it is not usable."""
+    import_ffcv()
     from ffcv.reader import Reader
 
     how = f"create it with `repro data convert /path/to/imagenet/{split} {path}`"
@@ -93,26 +121,26 @@ def label_pipeline(device) -> list:
 
 
 def make_loader(path: str, pipeline: list, *, batch_size: int, workers: int, train: bool,
-                distributed: bool, device, seed: int, indices=None):
-    """An ffcv Loader over `path` with `pipeline` for images, leaving torch's threads alone."""
+                distributed: bool, device, seed: int, indices=None, in_memory: bool = True):
+    """An ffcv Loader over `path` with `pipeline` for images.
+
+    As ffcv-imagenet: a file that fits in RAM is read through the OS page cache
+    (`in_memory`); one that does not is read by ffcv's own page reader, in QUASI_RANDOM order
+    (pages in a random order, samples shuffled within them) when training on one process.
+    QUASI_RANDOM is not implemented for distributed loading: RANDOM under DDP.
+    """
+    import_ffcv()
     from ffcv.loader import Loader, OrderOption
 
-    if train:
-        # QUASI_RANDOM reads page by page (datasets larger than RAM) but is not implemented
-        # for distributed loading; RANDOM under DDP, as ffcv-imagenet does.
-        order = OrderOption.RANDOM if distributed else OrderOption.QUASI_RANDOM
-        os_cache = distributed
+    if not train:
+        order = OrderOption.SEQUENTIAL
+    elif distributed or in_memory:
+        order = OrderOption.RANDOM
     else:
-        order, os_cache = OrderOption.SEQUENTIAL, True
-    threads = torch.get_num_threads()
-    try:
-        loader = Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=order,
-                        os_cache=os_cache, drop_last=train, distributed=distributed,
-                        seed=seed, indices=indices, pipelines={"image": pipeline,
-                                              "label": label_pipeline(device)})
-    finally:
-        torch.set_num_threads(threads)  # Loader() sets it to num_workers
-    return loader
+        order = OrderOption.QUASI_RANDOM
+    return Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=order,
+                  os_cache=in_memory, drop_last=train, distributed=distributed, seed=seed,
+                  indices=indices, pipelines={"image": pipeline, "label": label_pipeline(device)})
 
 
 class FFCVTrain:
@@ -130,7 +158,7 @@ class FFCVTrain:
         return len(self.loader)
 
     def epoch(self, epoch: int, start_batch: int = 0):
-        self.loader.next_epoch = epoch
+        self.loader.next_epoch = epoch  # ffcv advances it on each iter()
         it = iter(self.loader)
         for _ in range(start_batch):  # FFCV cannot start mid-epoch: decode and discard
             next(it)
@@ -147,13 +175,14 @@ def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch
     train = make_loader(train_path, train_pipeline(d.resolution, d.scale, d.ratio, d.hflip,
                                                    d.mean, d.std, device),
                         batch_size=batch_size, workers=d.workers, train=True,
-                        distributed=world_size > 1, device=device, seed=seed)
+                        distributed=world_size > 1, device=device, seed=seed,
+                        in_memory=d.in_memory)
     # Evaluation: disjoint shards, no padding (FFCV's distributed mode would pad).
     val = make_loader(val_path, val_pipeline(e.resolution or d.resolution, e.crop_pct, d.mean,
                                              d.std, device),
                       batch_size=eval_batch_size, workers=d.workers, train=False,
                       distributed=False, device=device, seed=seed,
-                      indices=list(range(rank, n_val, world_size)))
+                      indices=list(range(rank, n_val, world_size)), in_memory=d.in_memory)
     train = FFCVTrain(train)
     side = read_sidecar(train_path) or {}
     num_classes = side.get("num_classes") or recipe.model.num_classes

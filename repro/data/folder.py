@@ -77,19 +77,23 @@ class FolderTrain:
     def __init__(self, ds: ImageFolder, batch_size: int, workers: int, seed: int, rank: int,
                  world: int, pin: bool):
         self.order = _EpochOrder(len(ds), seed, rank, world)
+        # Workers can persist across epochs: each sample's seed travels with its index.
         self.loader = DataLoader(_Seeded(ds), batch_size, sampler=self.order, drop_last=True,
-                                 num_workers=workers, pin_memory=pin)
+                                 num_workers=workers, pin_memory=pin,
+                                 persistent_workers=workers > 0)
         self.batch_size = batch_size
+        self.next_epoch = 0
 
     def __len__(self) -> int:
         return self.order.per_rank // self.batch_size
 
     def epoch(self, epoch: int, start_batch: int = 0):
         self.order.epoch, self.order.start = epoch, start_batch * self.batch_size
+        self.next_epoch = epoch + 1
         return _channels_last(self.loader)
 
-    def __iter__(self):
-        return self.epoch(0)
+    def __iter__(self):  # as FFCV's loader: each pass is the next epoch
+        return self.epoch(self.next_epoch)
 
 
 class FolderVal:
