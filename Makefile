@@ -11,8 +11,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 REPRO := $(BIN)/repro
-# System packages: FFCV builds against OpenCV and libjpeg-turbo, found with pkg-config.
-APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
+# System packages: FFCV builds against OpenCV and libjpeg-turbo (found with pkg-config); the
+# tests run a real Slurm with accounting on localhost (slurm/dev/start.sh); submitit's code
+# snapshot needs rsync.
+APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config \
+	slurmctld slurmd slurm-client munge slurmdbd mariadb-server-core mariadb-client-core rsync
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 

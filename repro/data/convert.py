@@ -70,6 +70,15 @@ def check_image(path: str) -> str | None:
         return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
+def _default_signals() -> None:
+    """Pool workers die on SIGTERM again: a parent under submitit ignores it (it waits for its
+    own checkpoint signal), and a pool that cannot terminate its workers hangs on exit."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class _ImageFolderRGB:
     """Indexable (image as uint8 HxWx3, label) pairs for FFCV's writer."""
 
@@ -119,7 +128,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
     if not samples:
         raise DataError(f"{src}: no images found under its class folders")
     paths = [p for p, _ in samples]
-    with Pool(workers) as pool:
+    with Pool(workers, initializer=_default_signals) as pool:
         results = list(tqdm(pool.imap(check_image, paths, chunksize=64), total=len(paths),
                             desc="checking", unit="img", disable=not progress))
     skipped = [{"path": os.path.relpath(p, src), "error": err}

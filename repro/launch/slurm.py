@@ -10,6 +10,7 @@ run id from its last atomic checkpoint. The code is snapshotted at submission (s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -148,10 +149,10 @@ def submit(recipe_path: str, overrides: list[str], cluster_path: str, *, nodes: 
                  "recipe": r.to_dict(), "_recipe": r} for r, _, p in recipes]
 
     env = _cluster_env(cluster)
-    old_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    submitit.helpers.clean_env()  # a stray RANK/MASTER_ADDR here would leak into the job
-    try:
+    # sbatch exports this environment to the job: a stray RANK/MASTER_ADDR (or a parent job's
+    # SLURM_* variables) would leak into it. clean_env() hides them, SLURM_CONF included, so
+    # the profile's environment is set inside it.
+    with submitit.helpers.clean_env(), _environ(env):
         first = recipes[0][2]
         executor = submitit.AutoExecutor(folder=first.parent / "_slurm" / "%j",
                                          cluster="slurm",
@@ -169,12 +170,6 @@ def submit(recipe_path: str, overrides: list[str], cluster_path: str, *, nodes: 
                 with executor.batch():
                     for r, rid, _ in recipes:
                         jobs.append(executor.submit(TrainJob(r, rid, smoke)))
-    finally:
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     records = []
     for job, (_, rid, path) in zip(jobs, recipes, strict=True):
         record = {"job_id": job.job_id, "run_dir": str(path), "run_id": rid,
@@ -185,6 +180,21 @@ def submit(recipe_path: str, overrides: list[str], cluster_path: str, *, nodes: 
         (path / "slurm.json").write_text(json.dumps(record, indent=1) + "\n")
         records.append(record)
     return records
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for the duration of the block."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _NoSnapshot:

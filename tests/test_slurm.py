@@ -1,0 +1,149 @@
+"""`repro launch --cluster` and `repro status` against a real Slurm (slurm/dev/start.sh):
+submission, 2-task DDP, requeue after interruption, a failing job, two nodes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+import yaml
+
+from repro.cli import main
+from repro.launch import slurm
+from repro.train import checkpoint
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes/quickstart.yaml")
+# LayerNorm-only model, ImageFolder path, exact resume: results comparable across launches.
+SMALL = ["data.format=folder", "data.workers=0", "model.name=vit_p_1gf",
+         "model.kwargs={depth: 1, img_size: 32}", "train.ema=null", "aug.mixup=0",
+         "schedule.epochs=2", "train.max_steps=30", "train.checkpoint_every_steps=5",
+         "data.batch_size=16", "train.global_batch=32", "train.device=cpu"]
+
+
+def profile(tmp_path: Path, cluster, **over) -> str:
+    """A cluster profile for the dev cluster (slurm/clusters/dev.yaml plus `over`)."""
+    data = yaml.safe_load((ROOT / "slurm/clusters/dev.yaml").read_text())
+    data.update(slurm_conf=str(cluster.conf), **over)
+    path = tmp_path / f"cluster-{len(list(tmp_path.glob('cluster-*')))}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def wait(record: dict, cluster) -> str:
+    """Block until the job ends; its final Slurm state (from sacct: the cluster keeps
+    accounting)."""
+    deadline = time.monotonic() + 300
+    while (state := slurm.slurm_state(record["job_id"], cluster.conf)) not in TERMINAL:
+        assert time.monotonic() < deadline, f"job {record['job_id']} still {state}"
+        time.sleep(1)  # polling interval; the sacct state is the synchronisation
+    return state
+
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
+
+
+def results(run_dir: str) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def test_smoke_run_through_slurm_leaves_a_complete_run_dir(slurm_cluster, tmp_path, capsys):
+    cluster = profile(tmp_path, slurm_cluster)
+    assert main(["launch", QUICKSTART, "--smoke", "--cluster", cluster,
+                 f"train.output_dir={tmp_path}/runs", "--run-id", "smoke"]) == 0
+    run = tmp_path / "runs/quickstart/smoke"
+    record = json.loads((run / "slurm.json").read_text())
+    state = wait(record, slurm_cluster)
+    assert state == "COMPLETED", Path(record["stderr"]).read_text()[-3000:]
+    r = results(run)
+    assert r["smoke"] and r["steps_done"] == 4 and r["final/eval/count"] == 360
+    for f in ("recipe.yaml", "env.json", "metrics.jsonl", "checkpoints/last.pt"):
+        assert (run / f).is_file()
+    env = json.loads((run / "env.json").read_text())
+    assert env["slurm"]["SLURM_JOB_ID"] == record["job_id"]
+    assert "_code" in env["code"]  # the job ran the snapshot taken at submission
+    capsys.readouterr()
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "COMPLETED" in out and record["job_id"] in out and "incomplete" in out
+
+
+def test_two_task_ddp_job_matches_one_process(slurm_cluster, tmp_path):
+    # Few steps: 1 and 2 processes sum gradients in different orders, and Adam amplifies the
+    # float differences of near-zero gradients as training goes on.
+    short = [*SMALL, "train.max_steps=5"]
+    one = slurm.submit(QUICKSTART, [*short, f"train.output_dir={tmp_path}/one"],
+                       profile(tmp_path, slurm_cluster), nodes=1, run_id="r")[0]
+    two = slurm.submit(QUICKSTART, [*short, f"train.output_dir={tmp_path}/two"],
+                       profile(tmp_path, slurm_cluster, tasks_per_node=2), nodes=1,
+                       run_id="r")[0]
+    for rec in (one, two):
+        assert wait(rec, slurm_cluster) == "COMPLETED"
+    assert json.loads((Path(two["run_dir"]) / "env.json").read_text())["world_size"] == 2
+    a, b = (checkpoint.load(Path(r["run_dir"]) / "checkpoints/last.pt") for r in (one, two))
+    assert a["state"]["step"] == b["state"]["step"] == 5
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_job_is_requeued_and_reaches_the_same_weights(slurm_cluster, tmp_path,
+                                                                  monkeypatch):
+    cluster = profile(tmp_path, slurm_cluster)
+    ref = slurm.submit(QUICKSTART, [*SMALL, f"train.output_dir={tmp_path}/ref"], cluster,
+                       nodes=1, run_id="r")[0]
+    rec = slurm.submit(QUICKSTART, [*SMALL, f"train.output_dir={tmp_path}/int"], cluster,
+                       nodes=1, run_id="r")[0]
+    last = Path(rec["run_dir"]) / "checkpoints/last.pt"
+    deadline = time.monotonic() + 240
+    while not last.exists():  # interrupt once the run is under way (a checkpoint exists)
+        assert time.monotonic() < deadline, "the job never checkpointed"
+        time.sleep(0.5)
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)  # scancel, run by submitit
+    job = submitit.SlurmJob(folder=rec["slurm_folder"], job_id=rec["job_id"])
+    job._interrupt()  # as Slurm does on preemption: signal, checkpoint(), requeue
+    assert wait(rec, slurm_cluster) == "COMPLETED"
+    assert wait(ref, slurm_cluster) == "COMPLETED"
+    env = json.loads((Path(rec["run_dir"]) / "env.json").read_text())
+    assert env["requeue_count"] >= 1 and env["launches"] >= 2
+    a = checkpoint.load(Path(ref["run_dir"]) / "checkpoints/last.pt")
+    b = checkpoint.load(last)
+    assert a["state"]["step"] == b["state"]["step"] == 30
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_failing_job_is_reported_failed_with_its_error(slurm_cluster, tmp_path, capsys):
+    rec = slurm.submit(QUICKSTART, ["model.name=no_such_model", "data.format=folder",
+                                    f"train.output_dir={tmp_path}/runs"],
+                       profile(tmp_path, slurm_cluster), nodes=1, run_id="bad")[0]
+    assert wait(rec, slurm_cluster) == "FAILED"
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out and "FAILED" in out
+    assert "unknown model 'no_such_model'" in out  # the tail of the job's error log
+
+
+def test_completed_run_is_not_overwritten(slurm_cluster, tmp_path, capsys):
+    run = tmp_path / "runs/quickstart/done"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"status": "complete"}))
+    code = main(["launch", QUICKSTART, "--cluster", profile(tmp_path, slurm_cluster),
+                 f"train.output_dir={tmp_path}/runs", "--run-id", "done"])
+    assert code == 1 and "has completed" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["results.json"]
+
+
+def test_two_node_job_runs_one_rank_on_each_node(slurm_two_nodes, tmp_path):
+    rec = slurm.submit(QUICKSTART, [*SMALL, "train.max_steps=4",
+                                    f"train.output_dir={tmp_path}/runs"],
+                       profile(tmp_path, slurm_two_nodes), nodes=2, run_id="two")[0]
+    assert wait(rec, slurm_two_nodes) == "COMPLETED"
+    env = json.loads((Path(rec["run_dir"]) / "env.json").read_text())
+    assert env["world_size"] == 2 and sorted(env["rank_hosts"]) == ["n1", "n2"]
