@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -19,57 +25,92 @@ def repro_cache(tmp_path_factory):
         os.environ["REPRO_CACHE"] = old
 
 
+
+# ------------------------------------------------------------------------------------------
+# A real Slurm on localhost (slurm/dev/start.sh), one per session and node count.
+
+ROOT = Path(__file__).resolve().parents[1]
+START = ROOT / "slurm/dev/start.sh"
+STOP = ROOT / "slurm/dev/stop.sh"
+SBIN_PATH = f"/usr/sbin:/sbin:{os.environ.get('PATH', '/usr/bin:/bin')}"
+DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct", "unshare")
+
+
+@dataclass
 class DevCluster:
-    """A real Slurm started by slurm/dev/start.sh in `dir` (stopped and purged at the end)."""
+    dir: Path
+    env: dict[str, str]  # os.environ + what DIR/env.sh exports
 
-    def __init__(self, dir: str, nodes: int):
-        self.dir, self.nodes = dir, nodes
-        self.conf = f"{dir}/etc/slurm.conf"
+    @property
+    def conf(self) -> Path:
+        return Path(self.env["SLURM_CONF"])
 
-    def start(self):
-        import subprocess
-        from pathlib import Path
-
-        script = Path(__file__).resolve().parents[1] / "slurm/dev/start.sh"
-        proc = subprocess.run(["bash", str(script), "--dir", self.dir, "--nodes",
-                               str(self.nodes)], capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, f"start.sh failed:\n{proc.stdout}\n{proc.stderr}"
-        conf = subprocess.run(["bash", "-c", f"source {self.dir}/env.sh && echo $SLURM_CONF"],
-                              capture_output=True, text=True).stdout.strip()
-        self.conf = conf or self.conf
-        return self
-
-    def stop(self):
-        import subprocess
-        from pathlib import Path
-
-        script = Path(__file__).resolve().parents[1] / "slurm/dev/stop.sh"
-        subprocess.run(["bash", str(script), "--dir", self.dir, "--purge"], capture_output=True,
-                       timeout=120)
+    def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert res.returncode == 0, (
+            f"{' '.join(cmd)}: exit {res.returncode}\n{res.stdout}{res.stderr}")
+        return res
 
 
-def _cluster(tmp_path_factory, nodes: int):
-    import shutil
+def _script(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "REPRO_SLURM_DIR"}
+    return subprocess.run(["bash", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
-    if shutil.which("slurmctld") is None and os.environ.get("CI") != "true":
-        pytest.skip("Slurm is not installed (make install installs it; CI requires it)")
-    # Unix socket paths are limited to ~107 characters: keep the directory short.
-    import tempfile
 
-    d = tempfile.mkdtemp(prefix=f"rs{nodes}-", dir="/tmp")
-    cluster = DevCluster(d, nodes).start()
-    return cluster
+def _skip_unless_possible() -> None:
+    """Skip on a developer machine without Slurm; never on CI, where `make test` installs it."""
+    missing = [d for d in DAEMONS if shutil.which(d, path=SBIN_PATH) is None]
+    problem = "the dev Slurm cluster needs root" if os.geteuid() != 0 else (
+        f"Slurm packages not installed (missing {', '.join(missing)}); `make install` installs "
+        "them" if missing else None)
+    if problem and os.environ.get("CI") == "true":
+        pytest.fail(problem)
+    if problem:
+        pytest.skip(problem)
+
+
+def _client_env(env_sh: Path) -> dict[str, str]:
+    # A clean environment: no SLURM_* from an enclosing job (srun would join that allocation).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
+    env["PATH"] = SBIN_PATH
+    for line in env_sh.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = value
+    return env
+
+
+def _cluster(tmp_path_factory, name: str, nodes: int):
+    _skip_unless_possible()
+    # Unix socket paths are limited to ~107 bytes: keep DIR short.
+    path = tmp_path_factory.mktemp(name)
+    own = len(str(path)) > 60
+    if own:
+        path = Path(tempfile.mkdtemp(prefix=f"repro-{name}-", dir="/tmp"))
+    try:
+        started = time.monotonic()
+        res = _script(str(START), "--nodes", str(nodes), "--dir", str(path))
+        assert res.returncode == 0, f"start.sh failed:\n{res.stdout}\n{res.stderr}"
+        print(f"start.sh --nodes {nodes}: {time.monotonic() - started:.1f}s")
+        env_sh = Path(res.stdout.strip().splitlines()[-1])  # start.sh prints env.sh's path last
+        assert env_sh == path / "env.sh"
+        yield DevCluster(path, _client_env(env_sh))
+    finally:
+        res = _script(str(STOP), "--dir", str(path), "--purge")
+        assert res.returncode == 0, f"stop.sh failed:\n{res.stdout}\n{res.stderr}"
+        if own:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    cluster = _cluster(tmp_path_factory, 1)
-    yield cluster
-    cluster.stop()
+    """A one-node cluster (node `localhost`), up for the whole session."""
+    yield from _cluster(tmp_path_factory, "sd", nodes=1)
 
 
 @pytest.fixture(scope="session")
 def slurm_two_nodes(tmp_path_factory):
-    cluster = _cluster(tmp_path_factory, 2)
-    yield cluster
-    cluster.stop()
+    """A two-node cluster (nodes n1 and n2 on this machine)."""
+    yield from _cluster(tmp_path_factory, "sd2n", nodes=2)

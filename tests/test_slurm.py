@@ -40,7 +40,7 @@ def wait(record: dict, cluster) -> str:
     """Block until the job ends; its final Slurm state (from sacct: the cluster keeps
     accounting)."""
     deadline = time.monotonic() + 300
-    while (state := slurm.slurm_state(record["job_id"], cluster.conf)) not in TERMINAL:
+    while (state := slurm.slurm_state(record["job_id"], str(cluster.conf))) not in TERMINAL:
         assert time.monotonic() < deadline, f"job {record['job_id']} still {state}"
         time.sleep(1)  # polling interval; the sacct state is the synchronisation
     return state
@@ -104,7 +104,7 @@ def test_interrupted_job_is_requeued_and_reaches_the_same_weights(slurm_cluster,
     while not last.exists():  # interrupt once the run is under way (a checkpoint exists)
         assert time.monotonic() < deadline, "the job never checkpointed"
         time.sleep(0.5)
-    monkeypatch.setenv("SLURM_CONF", slurm_cluster.conf)  # scancel, run by submitit
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))  # scancel, run by submitit
     job = submitit.SlurmJob(folder=rec["slurm_folder"], job_id=rec["job_id"])
     job._interrupt()  # as Slurm does on preemption: signal, checkpoint(), requeue
     assert wait(rec, slurm_cluster) == "COMPLETED"
