@@ -130,6 +130,24 @@ def test_failing_job_is_reported_failed_with_its_error(slurm_cluster, tmp_path, 
     assert "unknown model 'no_such_model'" in out  # the tail of the job's error log
 
 
+def test_array_of_seeds_is_one_job_per_seed(slurm_cluster, tmp_path, capsys):
+    cluster = profile(tmp_path, slurm_cluster)
+    args = ["launch", QUICKSTART, "--smoke", "--cluster", cluster, "--array", "seeds=0,1",
+            f"train.output_dir={tmp_path}/runs", "--run-id", "arr"]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "arr-s0" in out and "arr-s1" in out and not (tmp_path / "runs").exists()
+    assert main(args) == 0
+    runs = [tmp_path / f"runs/quickstart/arr-s{s}" for s in (0, 1)]
+    records = [json.loads((r / "slurm.json").read_text()) for r in runs]
+    assert len({r["job_id"] for r in records}) == 2 and all("_" in r["job_id"] for r in records)
+    for rec, seed in zip(records, (0, 1), strict=True):
+        assert wait(rec, slurm_cluster) == "COMPLETED"
+        assert f"seed: {seed}" in (Path(rec["run_dir"]) / "recipe.yaml").read_text()
+    with pytest.raises(SystemExit):
+        main(["launch", QUICKSTART, "--array", "seeds=0,1"])  # arrays need --cluster
+
+
 def test_completed_run_is_not_overwritten(slurm_cluster, tmp_path, capsys):
     run = tmp_path / "runs/quickstart/done"
     run.mkdir(parents=True)

@@ -267,7 +267,7 @@ def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
             if last_epoch or state.epoch % recipe.eval.every_epochs == 0:
                 evals = _evaluate_all(model, ema, loaders, env, t)
                 for k, v in evals.items():
-                    if k.endswith("/top1") and v > state.best.get(k, -1):
+                    if k.endswith(("/top1", "/top5")) and v > state.best.get(k, -1):
                         state.best[k] = v
                         if env.is_main and k == "eval/top1":
                             checkpoint.save(path / "checkpoints" / "best.pt",
