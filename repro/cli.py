@@ -11,7 +11,6 @@ NOT_BUILT = {
     "bench": "throughput measurement (issue: measure and report)",
     "profile": "torch.profiler traces of training steps (issue: measure and report)",
     "eval": "top-1/top-5 of a checkpoint (issue: measure and report)",
-    "report": "paper-vs-measured markdown (issue: measure and report)",
 }
 
 EXIT_ERROR = 1  # bad input: a recipe, paper table or path problem, reported in one line
@@ -88,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     dig = dsub.add_parser("digits", help="build the built-in digits set (done on first use)")
     dig.add_argument("--size", type=int, default=32, help="image side in px (default 32)")
 
+    report = sub.add_parser("report", help="the papers' tables beside measured runs, verdicts",
+                            description="Markdown report of every paper row beside the runs "
+                            "found under PATHS, with plots; re-renders reports/architecture.md "
+                            "from its JSON.")
+    report.add_argument("paths", nargs="*", default=["runs"], help="run directories or runs/")
+    report.add_argument("--paper", help="only this paper")
+    report.add_argument("--out", default="reports/results.md", help="markdown path")
+
     status = sub.add_parser("status", help="state of local and Slurm runs")
     status.add_argument("path", nargs="?", default="runs", help="a run directory or runs/")
 
@@ -148,6 +155,34 @@ def _launch_slurm(args) -> int:
         print(f"submitted job {r['job_id']}: {r['run_dir']}  (logs: {r['slurm_folder']})")
     print("follow with: repro status " + (records[0]["run_dir"] if len(records) == 1 else
                                            str(Path(records[0]["run_dir"]).parent)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from repro import papers
+    from repro.io import atomic_write_text
+    from repro.report import results
+
+    if args.paper:
+        papers.load_paper(args.paper)  # unknown paper: one-line error
+    paths = [Path(p) for p in args.paths]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such run directory")
+    out = Path(args.out)
+    runs = results.load_runs(paths)
+    plots = results.plot(runs, out.parent / "plots", rel_to=out.parent)
+    command = "repro report " + " ".join(args.paths) + (
+        f" --paper {args.paper}" if args.paper else "") + f" --out {args.out}"
+    atomic_write_text(out, results.render(runs, paper=args.paper, command=command, plots=plots))
+    print(f"{len(runs)} run(s) -> {out} (plots in {out.parent / 'plots'})")
+    arch = out.parent / "architecture.json"
+    if arch.exists():  # the architecture section is rendered from its saved JSON, never edited
+        import json
+
+        from repro.report.architecture import render
+
+        atomic_write_text(arch.with_suffix(".md"), render(json.loads(arch.read_text())))
     return 0
 
 
@@ -228,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NOT_BUILT
     try:
         handler = {"launch": cmd_launch, "verify": cmd_verify, "data": cmd_data,
-                   "status": cmd_status, "doctor": cmd_doctor}
+                   "status": cmd_status, "report": cmd_report, "doctor": cmd_doctor}
         return handler[args.command](args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         if not _is_input_error(e):
