@@ -51,6 +51,9 @@ quickstart: install
 	$(REPRO) verify
 	@echo; echo "# train a small ViT_C on the built-in digits through FFCV (a few minutes on CPU):"
 	$(REPRO) launch recipes/quickstart.yaml
+	@echo; echo "# the report: every paper row beside the runs under runs/ (here, the quickstart)"
+	$(REPRO) report runs/ --out runs/report.md
+	@echo; echo "report: $(CURDIR)/runs/report.md"
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

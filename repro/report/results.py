@@ -160,7 +160,9 @@ def paper_table(key: str, measured: pd.DataFrame) -> list[list]:
                 body.append([label, _fmt(paper_top1, 1), "not run", "–", _fmt(r.params_m, 1),
                              "–", _fmt(r.gmacs, 2), "–", "–", "–", "–", "–", v, r.source])
                 continue
-            delta = None if paper_top1 is None or _nan(e["top1"]) else e["top1"] - paper_top1
+            # A smoke run (4 steps on digits at 64 px) measures plumbing, not the paper: no Δ.
+            delta = None if paper_top1 is None or _nan(e["top1"]) or e["smoke"] \
+                else e["top1"] - paper_top1
             body.append([label, _fmt(paper_top1, 1), _measured(e),
                          "–" if delta is None else f"{delta:+.2f}", _fmt(r.params_m, 1),
                          _fmt(e["params_m"], 1), _fmt(r.gmacs, 2), _fmt(e["gmacs"], 2),
@@ -214,12 +216,18 @@ def plot(runs: pd.DataFrame, out_dir: Path, rel_to: Path) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = papers.load_rows()
     rows = rows[(rows["pretrain_data"] == "in1k") & (rows["resolution"] == 224)
-                & ~rows["baseline"].astype(bool) & rows["top1"].notna()]
-    for key, g in rows.groupby("paper", sort=True):
-        ax.plot(g["gmacs"], g["top1"], "o-", label=f"{key} (paper)", alpha=0.8)
+                & ~rows["baseline"].astype(bool) & rows["top1"].notna()
+                & ~rows["row"].str.contains("strided")].copy()
+    # One line per model family: EarlyConv's ViT_P and ViT_C are two.
+    rows["family"] = rows["paper"] + rows["row"].str.extract(r"^(ViT_[PC])", expand=False) \
+        .fillna("").radd(" ").str.rstrip()
+    for family, g in rows.groupby("family", sort=True):
+        g = g.sort_values("gmacs")
+        ax.plot(g["gmacs"], g["top1"], "o-", label=f"{family} (paper)", alpha=0.8)
     measured = _group(runs)
-    if not measured.empty:
-        m = measured[(measured["row_id"] != "") & measured["top1"].notna()]
+    if not measured.empty:  # smoke runs (64 px, 4 steps) say nothing about accuracy
+        m = measured[(measured["row_id"] != "") & measured["top1"].notna()
+                     & ~measured["smoke"].astype(bool)]
         if not m.empty:
             ax.scatter(m["gmacs"], m["top1"], marker="x", s=60, color="black",
                        label="measured (this suite)")
