@@ -77,10 +77,13 @@ class FolderTrain:
     def __init__(self, ds: ImageFolder, batch_size: int, workers: int, seed: int, rank: int,
                  world: int, pin: bool):
         self.order = _EpochOrder(len(ds), seed, rank, world)
-        # Workers can persist across epochs: each sample's seed travels with its index.
+        # Workers can persist across epochs: each sample's seed travels with its index. The
+        # loader draws its workers' base seed from its own generator, never from the global
+        # torch RNG that dropout and drop path use (a resumed run would draw it mid-epoch).
         self.loader = DataLoader(_Seeded(ds), batch_size, sampler=self.order, drop_last=True,
                                  num_workers=workers, pin_memory=pin,
-                                 persistent_workers=workers > 0)
+                                 persistent_workers=workers > 0,
+                                 generator=torch.Generator().manual_seed(seed))
         self.batch_size = batch_size
         self.next_epoch = 0
 
@@ -145,6 +148,6 @@ def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch
     # Evaluation: disjoint shards, no padding, so summed counts are exact.
     shard = Subset(val_ds, range(rank, len(val_ds), world_size))
     val = FolderVal(DataLoader(shard, eval_batch_size, shuffle=False, num_workers=workers,
-                               pin_memory=pin))
+                               pin_memory=pin, generator=torch.Generator().manual_seed(seed)))
     return Loaders(train, val, "folder", train_path, val_path, len(train_ds.classes),
                    len(train_ds), len(val_ds), [])
