@@ -6,15 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-# Subcommands that later work adds; until then they say so in one line and exit 2.
-NOT_BUILT = {
-    "bench": "throughput measurement (issue: measure and report)",
-    "profile": "torch.profiler traces of training steps (issue: measure and report)",
-    "eval": "top-1/top-5 of a checkpoint (issue: measure and report)",
+# Subcommands whose module parses its own arguments (`run_cli(argv) -> int`).
+DELEGATED = {
+    "bench": ("repro.measure.throughput", "throughput: timm's method, the LeViT protocol, MFU"),
+    "profile": ("repro.measure.profile", "torch.profiler traces of a recipe's training steps"),
+    "eval": ("repro.measure.evaluate", "top-1/top-5 of a checkpoint with the recipe's protocol"),
 }
 
 EXIT_ERROR = 1  # bad input: a recipe, paper table or path problem, reported in one line
-EXIT_NOT_BUILT = 2
 
 
 def _world_sizes(text: str) -> list[int]:
@@ -100,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="versions, and what is missing with its install line")
 
-    for name, what in NOT_BUILT.items():
-        sp = sub.add_parser(name, help=f"{what} [not built yet]")
+    for name, (_, what) in DELEGATED.items():
+        sp = sub.add_parser(name, help=what, add_help=False)  # its module has the help
         sp.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
@@ -251,6 +250,12 @@ def cmd_doctor(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return _guarded(argv[0], lambda: module.run_cli(argv[1:]))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after options (`launch R.yaml --dry-run optim.lr=1e-3`).
@@ -258,17 +263,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in NOT_BUILT:
-        print(f"repro {args.command}: not built yet ({NOT_BUILT[args.command]})", file=sys.stderr)
-        return EXIT_NOT_BUILT
+    handler = {"launch": cmd_launch, "verify": cmd_verify, "data": cmd_data,
+               "status": cmd_status, "report": cmd_report, "doctor": cmd_doctor}
+    return _guarded(args.command, lambda: handler[args.command](args))
+
+
+def _guarded(command: str, fn) -> int:
+    """Run a subcommand; errors about the user's input become one line and exit 1."""
     try:
-        handler = {"launch": cmd_launch, "verify": cmd_verify, "data": cmd_data,
-                   "status": cmd_status, "report": cmd_report, "doctor": cmd_doctor}
-        return handler[args.command](args)
+        return fn()
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         if not _is_input_error(e):
             raise
-        print(f"repro {args.command}: error: {e}", file=sys.stderr)
+        print(f"repro {command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.cli import NOT_BUILT, main
+from repro.cli import main
 from repro.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,13 +87,6 @@ def test_bad_override_is_a_one_line_error(capsys):
     assert code == 1 and out == ""
     assert err.count("\n") == 1
     assert "earlyconv_vitb.yaml" in err and "optim.lrr" in err and "optim.lr'" in err
-
-
-@pytest.mark.parametrize("command", sorted(NOT_BUILT))
-def test_unbuilt_subcommands_say_so_in_one_line(capsys, command):
-    code, out, err = run_cli(capsys, command)
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and "not built yet" in err
 
 
 def test_doctor_reports_versions_and_install_lines(capsys, monkeypatch):

@@ -46,7 +46,7 @@ def smoke_overrides(recipe: Recipe) -> list[str]:
             "train.compile=false", "train.device=cpu"]
 
 
-def _create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
+def create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     m = recipe.model
     kwargs = dict(m.kwargs)
     kwargs.update(num_classes=num_classes, drop_rate=m.drop_rate)
@@ -63,7 +63,7 @@ def _create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     return model
 
 
-def _teacher(recipe: Recipe, num_classes: int, smoke: bool) -> tuple[torch.nn.Module | None,
+def build_teacher(recipe: Recipe, num_classes: int, smoke: bool) -> tuple[torch.nn.Module | None,
                                                                       str | None]:
     d = recipe.distill
     if d.type == "none":
@@ -81,7 +81,7 @@ def _teacher(recipe: Recipe, num_classes: int, smoke: bool) -> tuple[torch.nn.Mo
     return teacher.eval().requires_grad_(False), note
 
 
-def _seed_everything(seed: int, rank: int) -> None:
+def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed)  # same initial weights on every rank (DDP also broadcasts them)
@@ -101,7 +101,7 @@ def train(recipe: Recipe, *, smoke: bool = False, run_id: str | None = None,
 
 def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
     t = recipe.train
-    _seed_everything(t.seed, env.rank)
+    seed_everything(t.seed, env.rank)
     probe = derive(recipe, env.world_size, train_images=1 << 40)  # batch split only
     loaders = build_loaders(recipe, batch_size=probe.micro_batch, rank=env.rank,
                             world_size=env.world_size, device=str(env.device), seed=t.seed)
@@ -111,10 +111,10 @@ def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
                           f"{recipe.model.num_classes} but the data have {loaders.num_classes} "
                           "classes")
 
-    model = _create_model(recipe, loaders.num_classes).to(env.device)
+    model = create_model(recipe, loaders.num_classes).to(env.device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher, teacher_note = _teacher(recipe, loaders.num_classes, smoke)
+    teacher, teacher_note = build_teacher(recipe, loaders.num_classes, smoke)
     if teacher is not None:
         teacher.to(env.device)
         if hasattr(model, "set_distilled_training"):
@@ -265,7 +265,7 @@ def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
             state.batch_in_epoch = 0
             last_epoch = state.epoch == epochs
             if last_epoch or state.epoch % recipe.eval.every_epochs == 0:
-                evals = _evaluate_all(model, ema, loaders, env, t)
+                evals = evaluate_all(model, ema, loaders, env, t)
                 for k, v in evals.items():
                     if k.endswith(("/top1", "/top5")) and v > state.best.get(k, -1):
                         state.best[k] = v
@@ -278,7 +278,7 @@ def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
                         f"{k} {v:.2f}" for k, v in evals.items() if k.endswith("top1")))
             save("running" if not last_epoch else status)
         if status == "incomplete":
-            evals = _evaluate_all(model, ema, loaders, env, t)
+            evals = evaluate_all(model, ema, loaders, env, t)
             log.log(state.step, {"epoch": state.epoch, **evals})
             save(status)
     except TrainingDiverged as e:
@@ -290,7 +290,7 @@ def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
     return path
 
 
-def _evaluate_all(model, ema, loaders, env, t) -> dict:
+def evaluate_all(model, ema, loaders, env, t) -> dict:
     out = {}
     for prefix, m in (("eval", model), ("eval_ema", ema.module if ema is not None else None)):
         if m is None:

@@ -8,6 +8,7 @@ schema version; metric keys are slash-namespaced (`train/loss`, `eval_ema/top1`,
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -54,11 +55,9 @@ def environment(world_size: int, device: torch.device, hosts: list[str] | None =
 
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "torchvision": torchvision.__version__, "timm": timm.__version__}
-    try:
-        import ffcv
-
-        versions["ffcv"] = getattr(ffcv, "__version__", "?")
-    except ImportError:
+    try:  # the distribution's version: importing ffcv would cost seconds of numba compiling
+        versions["ffcv"] = importlib.metadata.version("ffcv")
+    except importlib.metadata.PackageNotFoundError:
         versions["ffcv"] = None
     cpu = platform.processor() or platform.machine()
     try:
