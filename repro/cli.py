@@ -282,13 +282,14 @@ def _guarded(command: str, fn) -> int:
 def _is_input_error(e: Exception) -> bool:
     """Errors about the user's files, reported in one line (imported late: doctor needs none)."""
     from repro.data import DataError
+    from repro.launch.slurm import SubmissionError
     from repro.papers import PaperTableError
     from repro.recipe import RecipeError
     from repro.train.loop import TrainingDiverged
     from repro.train.run import RunExists
 
     return isinstance(e, (RecipeError, PaperTableError, DataError, TrainingDiverged,
-                          RunExists, FileNotFoundError))
+                          RunExists, SubmissionError, FileNotFoundError))
 
 
 if __name__ == "__main__":

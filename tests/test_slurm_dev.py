@@ -84,3 +84,12 @@ def test_stop_is_idempotent_and_start_restarts(slurm_two_nodes):
     assert res.returncode == 0, res.stderr
     out = slurm_two_nodes.run("srun", "-N2", "hostname").stdout
     assert sorted(out.split()) == ["n1", "n2"]
+
+
+@pytest.mark.slurm
+def test_dev_profile_finds_the_cluster_start_sh_made(slurm_cluster, monkeypatch):
+    from repro.launch.slurm import load_cluster
+
+    monkeypatch.setenv("REPRO_SLURM_DIR", str(slurm_cluster.dir))
+    profile = load_cluster(Path(__file__).resolve().parents[1] / "slurm/clusters/dev.yaml")
+    assert Path(profile.slurm_conf) == slurm_cluster.conf and slurm_cluster.conf.is_file()

@@ -58,6 +58,10 @@ def load_cluster(path: str | os.PathLike) -> ClusterProfile:
     return load_typed(path, ClusterProfile)
 
 
+class SubmissionError(RuntimeError):
+    """sbatch refused the job, in one line."""
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """What every task of a Slurm job runs; requeued as itself on preemption."""
 
@@ -163,13 +167,20 @@ def submit(recipe_path: str, overrides: list[str], cluster_path: str, *, nodes: 
         jobs = []
         ctx = submitit.helpers.RsyncSnapshot(code_dir, root_dir=snapshot) if snapshot \
             else _NoSnapshot()
-        with ctx:
-            if len(recipes) == 1:
-                jobs = [executor.submit(TrainJob(recipes[0][0], recipes[0][1], smoke))]
-            else:
-                with executor.batch():
-                    for r, rid, _ in recipes:
-                        jobs.append(executor.submit(TrainJob(r, rid, smoke)))
+        try:
+            with ctx:
+                if len(recipes) == 1:
+                    jobs = [executor.submit(TrainJob(recipes[0][0], recipes[0][1], smoke))]
+                else:
+                    with executor.batch():
+                        for r, rid, _ in recipes:
+                            jobs.append(executor.submit(TrainJob(r, rid, smoke)))
+        except (submitit.core.utils.FailedSubmissionError, submitit.core.utils.FailedJobError,
+                subprocess.CalledProcessError) as e:
+            detail = " ".join(str(e).split())[-300:]
+            raise SubmissionError(f"{cluster_path}: sbatch refused the job ({detail}); check "
+                                  "the profile's partition/account and that Slurm's client "
+                                  "works here (`sinfo`)") from None
     records = []
     for job, (_, rid, path) in zip(jobs, recipes, strict=True):
         record = {"job_id": job.job_id, "run_dir": str(path), "run_id": rid,
