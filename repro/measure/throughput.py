@@ -666,6 +666,8 @@ def bench(targets: list[str], s: Settings, references: list[str] = (), log=print
         raise BenchError("--amp fp16 is for CUDA; use bf16 on CPU")
     if s.repeats < 1 or s.attempts < 1:
         raise BenchError("--repeats and --attempts must be >= 1")
+    if s.mode == "train" and s.amp == "fp16":
+        s = replace(s, notes=[*s.notes, "fp16 training steps without a GradScaler (speed only)"])
     threads_before = torch.get_num_threads()
     if s.threads:
         torch.set_num_threads(s.threads)
