@@ -175,13 +175,17 @@ def cmd_report(args) -> int:
         f" --paper {args.paper}" if args.paper else "") + f" --out {args.out}"
     atomic_write_text(out, results.render(runs, paper=args.paper, command=command, plots=plots))
     print(f"{len(runs)} run(s) -> {out} (plots in {out.parent / 'plots'})")
-    arch = out.parent / "architecture.json"
-    if arch.exists():  # the architecture section is rendered from its saved JSON, never edited
-        import json
+    # The architecture and throughput reports are rendered from their saved JSON, never edited.
+    import json
 
-        from repro.report.architecture import render
+    from repro.report import architecture, throughput
 
-        atomic_write_text(arch.with_suffix(".md"), render(json.loads(arch.read_text())))
+    for name, render in (("architecture", architecture.render),
+                         ("throughput_cpu", throughput.render)):
+        saved = out.parent / f"{name}.json"
+        if saved.exists():
+            atomic_write_text(saved.with_suffix(".md"), render(json.loads(saved.read_text())))
+            print(f"re-rendered {saved.with_suffix('.md')} from {saved.name}")
     return 0
 
 

@@ -114,3 +114,11 @@ def test_cli_writes_report_and_plots(fixture_runs, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert main(["report", str(tmp_path / "nope")]) == 1
     assert "nope: no such run directory" in capsys.readouterr().err
+
+
+def test_committed_throughput_report_is_rendered_from_its_json():
+    from repro.report.throughput import render
+
+    reports = Path(__file__).resolve().parents[1] / "reports"
+    saved = json.loads((reports / "throughput_cpu.json").read_text())
+    assert (reports / "throughput_cpu.md").read_text() == render(saved)
