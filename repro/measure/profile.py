@@ -26,19 +26,12 @@ import torch
 from tabulate import tabulate
 from torch.profiler import ProfilerActivity, schedule, tensorboard_trace_handler
 
-from repro.data import DataError, build_loaders
+from repro.data import DataError
 from repro.io import atomic_write_json, atomic_write_text
-from repro.recipe import Recipe, RecipeError, derive, load_recipe
+from repro.recipe import Recipe, load_recipe
 from repro.train import distributed
-from repro.train.loop import RunState, StepConfig, train_one_epoch
-from repro.train.optim import (
-    DistillationLoss,
-    build_base_loss,
-    build_mixup,
-    build_optimizer,
-    build_scheduler,
-)
-from repro.train.run import build_teacher, create_model, seed_everything, smoke_overrides
+from repro.train.loop import RunState, train_one_epoch
+from repro.train.run import build, smoke_overrides
 
 TOP_ROWS = 25
 
@@ -123,47 +116,12 @@ def profile(recipe: Recipe, *, active: int | None = None, out: str | os.PathLike
 def _profile(recipe: Recipe, env, *, active, out, smoke) -> ProfileResult | None:
     t, pc = recipe.train, recipe.profile
     active = active or pc.active
-    seed_everything(t.seed, env.rank)
-    # Built as repro.train.run._train builds them, so the steps are the trainer's own.
-    probe = derive(recipe, env.world_size, train_images=1 << 40)
-    loaders = build_loaders(recipe, batch_size=probe.micro_batch, rank=env.rank,
-                            world_size=env.world_size, device=str(env.device), seed=t.seed)
-    d = derive(recipe, env.world_size, train_images=loaders.train_images)
-    if recipe.model.num_classes != loaders.num_classes:
-        raise RecipeError(recipe.path, "model.num_classes",
-                          f"{recipe.model.num_classes} but the data have {loaders.num_classes} "
-                          "classes")
-    model = create_model(recipe, loaders.num_classes).to(env.device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     # Timing does not depend on the teacher's weights: an absent file is a note, not an error.
-    teacher, teacher_note = build_teacher(recipe, loaders.num_classes, smoke=True)
-    if teacher is not None:
-        teacher.to(env.device)
-        if hasattr(model, "set_distilled_training"):
-            model.set_distilled_training(True)
-    ema = None
-    if t.ema is not None:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=t.ema)
-    optimizer = build_optimizer(model, recipe, d.lr)
-    scheduler = build_scheduler(optimizer, recipe, d)
-    scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" and env.device.type == "cuda" \
-        else None
-    mixup = build_mixup(recipe, loaders.num_classes)
-    loss_fn = DistillationLoss(build_base_loss(recipe, mixup), teacher, recipe.distill.type,
-                               recipe.distill.alpha, recipe.distill.tau)
-    unwrapped = model
-    if env.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if t.compile:
-        model = torch.compile(model)
-    cfg = StepConfig(env=env, accum_steps=d.accum_steps, amp=t.amp,
-                     channels_last=t.channels_last, clip_grad=recipe.optim.clip_grad,
-                     clip_mode=recipe.optim.clip_mode, mixup=mixup, ema=ema, scaler=scaler,
-                     log_every=t.log_every_steps)
+    setup = build(recipe, env, smoke=True)  # the trainer's own objects and step settings
+    loaders, d, model, unwrapped = setup.loaders, setup.derived, setup.model, setup.unwrapped
+    optimizer, scheduler, loss_fn, cfg = setup.optimizer, setup.scheduler, setup.loss_fn, \
+        setup.step
+    teacher_note = setup.teacher_note
 
     # Only now, with everything built and checked, the output directory.
     stamp = distributed.broadcast_object(dt.datetime.now().strftime("%Y%m%d-%H%M%S"), env)

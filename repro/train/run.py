@@ -10,7 +10,9 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 import repro.models  # noqa: F401  (registers the papers' models)
 from repro.data import build_loaders
-from repro.recipe import Recipe, RecipeError, derive
+from repro.recipe import Derived, Recipe, RecipeError, derive
 from repro.train import checkpoint, distributed, rundir
 from repro.train.loop import RunState, StepConfig, TrainingDiverged, evaluate, train_one_epoch
 from repro.train.optim import (
@@ -99,7 +101,27 @@ def train(recipe: Recipe, *, smoke: bool = False, run_id: str | None = None,
         distributed.teardown()
 
 
-def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
+@dataclass
+class Setup:
+    """Everything a training step needs, built and checked from a recipe."""
+
+    loaders: Any
+    derived: Derived
+    model: torch.nn.Module  # wrapped (DDP, compile) as it is stepped
+    unwrapped: torch.nn.Module
+    ema: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    step: StepConfig
+    teacher_note: str | None
+
+
+def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
+    """Data, model, EMA, optimizer, schedule, loss and step settings for this rank.
+
+    Used by the trainer and by `repro profile`, so a profile times the trainer's own steps.
+    `smoke` tolerates a missing teacher weights file (an untrained teacher, noted)."""
     t = recipe.train
     seed_everything(t.seed, env.rank)
     probe = derive(recipe, env.world_size, train_images=1 << 40)  # batch split only
@@ -137,6 +159,20 @@ def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if t.compile:
         model = torch.compile(model)
+    step = StepConfig(env=env, accum_steps=d.accum_steps, amp=t.amp,
+                      channels_last=t.channels_last, clip_grad=recipe.optim.clip_grad,
+                      clip_mode=recipe.optim.clip_mode, mixup=mixup, ema=ema, scaler=scaler,
+                      log_every=t.log_every_steps)
+    return Setup(loaders, d, model, unwrapped, ema, optimizer, scheduler, loss_fn, step,
+                 teacher_note)
+
+
+def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
+    t = recipe.train
+    s = build(recipe, env, smoke=smoke)
+    loaders, d, model, unwrapped, ema = s.loaders, s.derived, s.model, s.unwrapped, s.ema
+    optimizer, scheduler, loss_fn, cfg = s.optimizer, s.scheduler, s.loss_fn, s.step
+    scaler, teacher_note = cfg.scaler, s.teacher_note
 
     # The run directory: only now, with everything checked.
     run_id = distributed.broadcast_object(run_id or t.run_id or rundir.new_run_id(t.seed), env)
@@ -179,10 +215,6 @@ def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
         complexity = {"params_m": sum(p.numel() for p in unwrapped.parameters()) / 1e6,
                       "gmacs": None, "error": f"{type(e).__name__}: {e}"}
 
-    cfg = StepConfig(env=env, accum_steps=d.accum_steps, amp=t.amp,
-                     channels_last=t.channels_last, clip_grad=recipe.optim.clip_grad,
-                     clip_mode=recipe.optim.clip_mode, mixup=mixup, ema=ema, scaler=scaler,
-                     log_every=t.log_every_steps)
     epochs = recipe.schedule.epochs
     max_steps = t.max_steps
     base = {"run_id": run_id, "recipe": recipe.name, "paper_row": recipe.row_id,
