@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from repro.measure.throughput import cpu_snapshot, cpu_use  # the shared /proc load meter
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "reports" / "data_loading.md"
 PHOTOS_VERSION = 1  # bump when the generated images change
@@ -263,40 +265,6 @@ def build_plain_torchvision(folder: Path, args):
                         num_workers=args.workers, persistent_workers=args.workers > 0,
                         generator=torch.Generator().manual_seed(0))
     return FolderVal(loader)  # a re-iterable channels_last wrapper, nothing val-specific
-
-
-def _proc_cpu_s(pid: int | str) -> float:
-    """User + system CPU seconds of one process, all its threads (0 if it has gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_snapshot() -> dict:
-    """CPU seconds so far: the machine's, the hypervisor's steal, and this process tree's.
-
-    Telling our load (this process and its DataLoader workers) from anyone else's.
-    """
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (
-        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
-    tick = os.sysconf("SC_CLK_TCK")
-    live = [c for task in Path("/proc/self/task").iterdir()
-            for c in (task / "children").read_text().split()]
-    reaped = os.times().children_user + os.times().children_system  # workers that have exited
-    return {"t": time.perf_counter(), "machine": (user + nice + system + irq + softirq) / tick,
-            "steal": steal / tick,
-            "ours": _proc_cpu_s("self") + sum(map(_proc_cpu_s, live)) + reaped}
-
-
-def cpu_use(before: dict, after: dict) -> dict:
-    """Shares of the machine's cores between two snapshots: ours, other processes', stolen."""
-    capacity = (after["t"] - before["t"]) * (os.cpu_count() or 1)
-    ours = after["ours"] - before["ours"]
-    other = after["machine"] - before["machine"] - ours
-    return {"ours_pct": 100 * ours / capacity, "other_pct": max(0.0, 100 * other / capacity),
-            "steal_pct": 100 * (after["steal"] - before["steal"]) / capacity}
 
 
 def run_epoch(loader) -> dict:
