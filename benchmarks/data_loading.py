@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from repro.measure.throughput import cpu_snapshot, cpu_use  # the shared /proc load meter
+from repro.measure.throughput import cpu_snapshot, cpu_use, machine  # shared /proc meters
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "reports" / "data_loading.md"
@@ -338,22 +338,6 @@ def other_load(raw: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------
 # Environment and report
-
-
-def machine() -> dict:
-    """CPU model, cores and memory of this machine."""
-    info = {"cpu": platform.processor() or "?", "cpu_count": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)), "os": platform.platform()}
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                           if line.startswith("model name"))
-        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
-                      .splitlines() if line.startswith("MemTotal"))
-        info["memory_gib"] = round(mem_kb / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 def versions() -> dict:

@@ -26,6 +26,7 @@ import torch
 
 from repro.data import DataError, build_loaders
 from repro.io import atomic_write_json
+from repro.measure import positive_int
 from repro.recipe import Recipe, RecipeError, load_recipe
 from repro.train import distributed
 from repro.train.run import create_model, evaluate_all
@@ -65,19 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation .beton file or ImageFolder directory (replaces data.val_path)")
     p.add_argument("--format", choices=("ffcv", "folder"), default=None,
                    help="data format (default: the recipe's; with --data, from the path)")
-    p.add_argument("--batch", type=_positive_int, default=None, metavar="B",
+    p.add_argument("--batch", type=positive_int, default=None, metavar="B",
                    help="evaluation batch per device (default: eval.batch_size)")
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def run_cli(argv: list[str]) -> int:

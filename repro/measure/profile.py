@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, schedule, tensorboard_trace_handler
 
 from repro.data import DataError
 from repro.io import atomic_write_json, atomic_write_text
+from repro.measure import positive_int
 from repro.recipe import Recipe, load_recipe
 from repro.train import distributed
 from repro.train.loop import RunState, train_one_epoch
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/levit_256.yaml")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted overrides, values read as YAML (e.g. profile.warmup=2)")
-    p.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--steps", type=positive_int, default=None, metavar="N",
                    help="active (recorded) steps per cycle; default the recipe's profile.active")
     p.add_argument("--smoke", action="store_true",
                    help="the recipe's model and optimisation on the built-in digits at 64 px "
@@ -66,16 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: <train.output_dir>/<recipe>/"
                    "profile-<timestamp>)")
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def resolve(recipe_path: str, overrides: list[str], smoke: bool) -> Recipe:
