@@ -252,6 +252,37 @@ def test_loaders_share_one_contract(digits, tmp_path, monkeypatch, fmt):
     assert len(loaders.train) == 1437 // 64  # training drops the last partial batch
 
 
+def test_fused_flip_normalize_matches_ffcv_flip_then_normalize(digits):
+    """repro's one-pass FlipNormalize (the CPU train tail) gives exactly what ffcv's
+    RandomHorizontalFlip + NormalizeImage give: the same table values, mirrored or not."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+    from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
+
+    from repro.data.ffcv import make_loader, train_pipeline
+    from repro.data.ffcv_ops import FlipNormalize
+
+    def images(normalize):  # a deterministic decoder, sequential order: the same pixels
+        loader = make_loader(str(digits[0].val_beton),
+                             [CenterCropRGBImageDecoder((32, 32), ratio=1.0), normalize,
+                              ToTensor(), ToTorchImage()],
+                             batch_size=100, workers=2, train=False, distributed=False,
+                             device="cpu", seed=0)
+        return torch.cat([x.clone() for x, _ in loader])
+
+    ref = images(NormalizeImage(MEAN, STD, np.float32))
+    assert torch.equal(images(FlipNormalize(0.0, MEAN, STD)), ref)
+    assert torch.equal(images(FlipNormalize(1.0, MEAN, STD)), ref.flip(-1))
+    half = images(FlipNormalize(0.5, MEAN, STD))
+    same = [bool(torch.equal(a, b)) for a, b in zip(half, ref, strict=True)]
+    mirrored = [bool(torch.equal(a, b.flip(-1))) for a, b in zip(half, ref, strict=True)]
+    pairs = list(zip(same, mirrored, strict=True))
+    assert all(s or m for s, m in pairs)  # each image is one or the other
+    assert 100 < sum(m and not s for s, m in pairs) < 260  # mirrored only: ~180 of 360
+    assert ref.is_contiguous(memory_format=torch.channels_last)
+    assert any(isinstance(op, FlipNormalize) for op in train_pipeline(
+        32, (0.5, 1), (0.75, 4 / 3), 0.5, MEAN / 255, STD / 255, "cpu"))  # what training runs
+
+
 def _ddp_rank(rank: int, world: int, init: str, beton: str, out: str):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     from repro.data.ffcv import make_loader, train_pipeline

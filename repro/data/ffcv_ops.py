@@ -1,0 +1,70 @@
+"""repro's own FFCV operation: horizontal flip and normalisation fused into one pass (CPU).
+
+ffcv's CPU train tail is `RandomHorizontalFlip` (a uint8 copy of every image, flipped or not)
+then `NormalizeImage` (a lookup table, uint8 -> float32). `FlipNormalize` does both in one pass
+over the pixels: it reads each uint8 image once and writes the normalised float32 image,
+mirrored with probability `flip_prob`. Same lookup table as `NormalizeImage` (so the same
+values, bit for bit), same flip rule as `RandomHorizontalFlip` (one draw per image); one pass
+and one buffer instead of two. Measured side by side in `benchmarks/data_loading.py`.
+
+Imports ffcv: import this module only after `repro.data.ffcv.import_ffcv()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+
+
+class FlipNormalize(Operation):
+    """uint8 N x H x W x 3 -> float32 (x - mean) / std, each image mirrored with `flip_prob`.
+
+    `mean` and `std` are per channel, in pixel units (0-255), as for ffcv's `NormalizeImage`.
+    A JIT stage: on CPU it belongs before `ToTensor()`/`ToTorchImage()` (see repro.data.ffcv).
+    """
+
+    def __init__(self, flip_prob: float, mean, std):
+        super().__init__()
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        self.flip_prob = float(flip_prob)
+        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        # NormalizeImage's table, computed the same way: identical float32 values.
+        self.table = ((np.arange(256)[:, None] - mean[None, :]) / std[None, :]).astype(
+            np.float32)
+
+    def generate_code(self):
+        my_range = Compiler.get_iterator()
+        flip_prob, table = self.flip_prob, self.table
+
+        def flip_normalize(images, dst):
+            n, width = images.shape[0], images.shape[2]
+            flips = np.random.rand(n) < flip_prob
+            for i in my_range(n):
+                src, out = images[i], dst[i]
+                for y in range(src.shape[0]):
+                    s, o = src[y], out[y]
+                    if flips[i]:  # mirrored: written right to left (sequential reads)
+                        for x in range(width):
+                            p, r = s[x], o[width - 1 - x]
+                            r[0], r[1], r[2] = table[p[0], 0], table[p[1], 1], table[p[2], 2]
+                    else:  # a separate loop: measured ~1.3x faster than one with a ternary
+                        for x in range(width):
+                            p, r = s[x], o[x]
+                            r[0], r[1], r[2] = table[p[0], 0], table[p[1], 1], table[p[2], 2]
+            return dst[:n]
+
+        flip_normalize.is_parallel = True
+        return flip_normalize
+
+    def declare_state_and_memory(self, previous_state):
+        if previous_state.shape[-1] != 3 or previous_state.dtype != np.dtype("uint8"):
+            raise TypeError(f"FlipNormalize takes uint8 H x W x 3 images, got "
+                            f"{previous_state.dtype} {previous_state.shape}")
+        float32 = np.dtype("float32")
+        return (replace(previous_state, jit_mode=True, dtype=float32),
+                AllocationQuery(previous_state.shape, float32))
