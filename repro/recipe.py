@@ -113,9 +113,8 @@ class DataCfg:
         128, "largest per-device micro-batch that fits in memory; train.global_batch is kept by "
         "gradient accumulation", sci=False, check=_positive)
     workers: int = _f(8, "loader workers per process", sci=False, check=_non_negative)
-    in_memory: bool = _f(True, "FFCV: the .beton fits in RAM (read through the page cache, "
-                         "RANDOM order); false: ffcv's page reader, QUASI_RANDOM order",
-                         sci=False)
+    in_memory: bool = _f(True, "FFCV: the .beton fits in RAM: read it through the OS page "
+                         "cache; false: ffcv's own page reader", sci=False)
     interpolation: Literal["bilinear", "bicubic"] = _f("bicubic", "resize interpolation (train)")
     scale: list[float] = _f([0.08, 1.0], "RandomResizedCrop area range", check=_pair)
     ratio: list[float] = _f([0.75, 4 / 3], "RandomResizedCrop aspect-ratio range", check=_pair)

@@ -252,6 +252,30 @@ def test_loaders_share_one_contract(digits, tmp_path, monkeypatch, fmt):
     assert len(loaders.train) == 1437 // 64  # training drops the last partial batch
 
 
+def test_ffcv_orders_as_ffcv_imagenet(digits):
+    """One process trains in QUASI_RANDOM order (a fresh permutation each epoch, fixed by
+    (seed, epoch), which resume relies on), evaluation is sequential; DDP's RANDOM order is
+    exercised by the gloo test below (QUASI_RANDOM would raise there)."""
+    from ffcv.traversal_order import QuasiRandom, Sequential
+
+    from repro.data.ffcv import make_loader, train_pipeline, val_pipeline
+
+    def loader(train: bool, seed: int = 0):
+        make = train_pipeline(32, (0.5, 1), (0.75, 4 / 3), 0.5, MEAN / 255, STD / 255, "cpu") \
+            if train else val_pipeline(32, 0.875, MEAN / 255, STD / 255, "cpu")
+        return make_loader(str(digits[0].train_beton), make, batch_size=64, workers=2,
+                           train=train, distributed=False, device="cpu", seed=seed)
+
+    train, val = loader(True), loader(False)
+    assert isinstance(train.traversal_order, QuasiRandom)
+    assert isinstance(val.traversal_order, Sequential)
+    e0, e1 = train.traversal_order.sample_order(0), train.traversal_order.sample_order(1)
+    assert sorted(e0) == list(range(1437)) and list(e0) != sorted(e0)  # a shuffle
+    assert list(e0) != list(e1)  # a new one each epoch
+    assert list(loader(True).traversal_order.sample_order(1)) == list(e1)  # fixed by epoch
+    assert list(loader(True, seed=1).traversal_order.sample_order(1)) != list(e1)  # and seed
+
+
 def test_fused_flip_normalize_matches_ffcv_flip_then_normalize(digits):
     """repro's one-pass FlipNormalize (the CPU train tail) gives exactly what ffcv's
     RandomHorizontalFlip + NormalizeImage give: the same table values, mirrored or not."""

@@ -139,23 +139,32 @@ def make_loader(path: str, pipeline: list, *, batch_size: int, workers: int, tra
                 distributed: bool, device, seed: int, indices=None, in_memory: bool = True):
     """An ffcv Loader over `path` with `pipeline` for images.
 
-    As ffcv-imagenet: a file that fits in RAM is read through the OS page cache
-    (`in_memory`); one that does not is read by ffcv's own page reader, in QUASI_RANDOM order
-    (pages in a random order, samples shuffled within them) when training on one process.
-    QUASI_RANDOM is not implemented for distributed loading: RANDOM under DDP.
+    As ffcv-imagenet: training on one process reads in QUASI_RANDOM order (the file's pages in
+    a random order, 2 x batch_size of them buffered, samples shuffled within them: a full
+    shuffle in effect, with page-sized reads), under DDP in RANDOM order (QUASI_RANDOM is not
+    implemented for distributed loading); evaluation reads sequentially. `in_memory`: read
+    through the OS page cache (a file that fits in RAM) rather than ffcv's own page reader.
     """
     import_ffcv()
     from ffcv.loader import Loader, OrderOption
 
+    from repro.data.ffcv_ops import SeededQuasiRandom
+
     if not train:
         order = OrderOption.SEQUENTIAL
-    elif distributed or in_memory:
+    elif distributed:
         order = OrderOption.RANDOM
     else:
         order = OrderOption.QUASI_RANDOM
-    return Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=order,
-                  os_cache=in_memory, drop_last=train, distributed=distributed, seed=seed,
-                  indices=indices, pipelines={"image": pipeline, "label": label_pipeline(device)})
+    loader = Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=order,
+                    os_cache=in_memory, drop_last=train, distributed=distributed, seed=seed,
+                    indices=indices, pipelines={"image": pipeline,
+                                                "label": label_pipeline(device)})
+    if order == OrderOption.QUASI_RANDOM:
+        # Fixed by (seed, epoch) (see ffcv_ops). Set after construction: ffcv 1.0.2's Loader
+        # rejects TraversalOrder subclasses (it tests isinstance, not issubclass).
+        loader.traversal_order = SeededQuasiRandom(loader)
+    return loader
 
 
 class FFCVTrain:

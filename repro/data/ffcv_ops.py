@@ -1,11 +1,16 @@
-"""repro's own FFCV operation: horizontal flip and normalisation fused into one pass (CPU).
+"""repro's additions to FFCV: a one-pass flip + normalise operation, a reproducible order.
 
-ffcv's CPU train tail is `RandomHorizontalFlip` (a uint8 copy of every image, flipped or not)
-then `NormalizeImage` (a lookup table, uint8 -> float32). `FlipNormalize` does both in one pass
-over the pixels: it reads each uint8 image once and writes the normalised float32 image,
-mirrored with probability `flip_prob`. Same lookup table as `NormalizeImage` (so the same
-values, bit for bit), same flip rule as `RandomHorizontalFlip` (one draw per image); one pass
-and one buffer instead of two. Measured side by side in `benchmarks/data_loading.py`.
+`FlipNormalize` (CPU). ffcv's CPU train tail is `RandomHorizontalFlip` (a uint8 copy of every
+image, flipped or not) then `NormalizeImage` (a lookup table, uint8 -> float32). This does both
+in one pass over the pixels: it reads each uint8 image once and writes the normalised float32
+image, mirrored with probability `flip_prob`. Same lookup table as `NormalizeImage` (so the
+same values, bit for bit), same flip rule as `RandomHorizontalFlip` (one draw per image); one
+pass and one buffer instead of two. Measured side by side in `benchmarks/data_loading.py`.
+
+`SeededQuasiRandom`. ffcv 1.0.2's `QuasiRandom` shuffles its page table in place, so the order
+of epoch e depends on which epochs this process generated before (and `Loader()` generates
+epoch 0 once on construction): a resumed run would not repeat the original's order. This
+subclass shuffles a copy, so the order is a function of (seed, epoch) alone, as `Random`'s is.
 
 Imports ffcv: import this module only after `repro.data.ffcv.import_ffcv()`.
 """
@@ -18,6 +23,7 @@ import numpy as np
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
+from ffcv.traversal_order import QuasiRandom
 
 
 class FlipNormalize(Operation):
@@ -68,3 +74,16 @@ class FlipNormalize(Operation):
         float32 = np.dtype("float32")
         return (replace(previous_state, jit_mode=True, dtype=float32),
                 AllocationQuery(previous_state.shape, float32))
+
+
+class SeededQuasiRandom(QuasiRandom):
+    """ffcv's QUASI_RANDOM order (pages in a random order, 2 x batch_size of them buffered,
+    samples shuffled within pages) as a pure function of (seed, epoch); see the module doc."""
+
+    def sample_order(self, epoch: int):
+        pristine = self.page_to_samples_array
+        self.page_to_samples_array = pristine.copy()  # ffcv shuffles it in place
+        try:
+            return super().sample_order(epoch)
+        finally:
+            self.page_to_samples_array = pristine
