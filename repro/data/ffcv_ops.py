@@ -23,6 +23,7 @@ import numpy as np
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
+from ffcv.transforms import NormalizeImage
 from ffcv.traversal_order import QuasiRandom
 
 
@@ -38,10 +39,8 @@ class FlipNormalize(Operation):
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.flip_prob = float(flip_prob)
-        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-        # NormalizeImage's table, computed the same way: identical float32 values.
-        self.table = ((np.arange(256)[:, None] - mean[None, :]) / std[None, :]).astype(
-            np.float32)
+        # ffcv's own table (256 x 3, float32): NormalizeImage's values by construction.
+        self.table = NormalizeImage(np.asarray(mean), np.asarray(std), np.float32).lookup_table
 
     def generate_code(self):
         my_range = Compiler.get_iterator()
