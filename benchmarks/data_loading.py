@@ -497,7 +497,8 @@ def render(rep: dict) -> str:
         "only in its sampler and a per-sample seeded wrapper (each sample's augmentation drawn "
         "from (seed, epoch, index), for exact resume); its workers persist too.",
     ]
-    lines.append(f"- *{STOCK}*, *{SUMS}*: see above; built like *ffcv train* otherwise.")
+    lines.append(f"- *{STOCK}*: see above; built like *ffcv train* otherwise. *{SUMS}*: the "
+                 "*ffcv train* loader itself, iterated by the summing consumer.")
     if ctx_res:
         lines.append(f"- *{context_name(ctx_res)}*: the FFCV train loader as built, on a "
                      f".beton written with max side {ctx_res} (context, see above).")
@@ -587,8 +588,7 @@ def main(argv=None) -> int:
     loaders |= build("folder", photos, photos, args)
     loaders[PLAIN] = build_plain_torchvision(photos, args)
     loaders[STOCK] = build_stock_ffcv(betons[args.max_res], args)
-    loaders[SUMS] = ConsumerSums(build("ffcv", betons[args.max_res], betons[args.max_res],
-                                       args)["ffcv train"])
+    loaders[SUMS] = ConsumerSums(loaders["ffcv train"])  # the same loader, another consumer
     if args.context_max_res:
         ctx = betons[args.context_max_res]
         loaders[context_name(args.context_max_res)] = build("ffcv", ctx, ctx, args)["ffcv train"]
