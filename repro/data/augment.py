@@ -409,9 +409,9 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor,
     wx = _weights(interpolation, dx.float()) if len(tx) > 1 else [None]
     wy = _weights(interpolation, dy.float()) if len(ty) > 1 else [None]
     v = None
-    for row, w_y in zip(grid, wy):
+    for row, w_y in zip(grid, wy, strict=True):
         line = None
-        for t, w_x in zip(row, wx):
+        for t, w_x in zip(row, wx, strict=True):
             term = t.float() if w_x is None else t.float().mul_(w_x)
             line = term if line is None else line.add_(term)
         line = line if w_y is None else line.mul_(w_y)
