@@ -32,6 +32,8 @@ __all__ = [
     "parse_override",
     "derive",
     "field_docs",
+    "path_report",
+    "DATA_PATHS",
     "IMAGENET_TRAIN_IMAGES",
 ]
 
@@ -55,8 +57,15 @@ class RecipeError(ValueError):
 # non-canonical (paths, workers, logging, launch, precision/layout switches that are recorded).
 
 
-def _f(default: Any = dataclasses.MISSING, doc: str = "", *, sci: bool = True, check=None):
-    meta = {"doc": doc, "scientific": sci, "check": check}
+def _f(default: Any = dataclasses.MISSING, doc: str = "", *, sci: bool = True, check=None,
+       only: str | None = None, not_on: dict | None = None, deviates_on: dict | None = None,
+       inert: tuple = ()):
+    """A recipe key. How the data paths (`ffcv`, `folder`) treat it, for `path_report`:
+    `only`: the key configures that path alone (meaningless on the other); `not_on`: paths that
+    cannot apply it, with the reason; `deviates_on`: paths that apply it differently from the
+    official code, with how; `inert`: values at which the key does nothing (never listed)."""
+    meta = {"doc": doc, "scientific": sci, "check": check, "only": only,
+            "not_on": not_on or {}, "deviates_on": deviates_on or {}, "inert": inert}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -82,6 +91,24 @@ def _triple(v):
     return None if len(v) == 3 else "must have exactly 3 values"
 
 
+def _policy(v):
+    """An auto-augment string must parse (timm's grammar; repro.data.augment reads it)."""
+    try:
+        from repro.data.augment import parse_policy
+
+        parse_policy(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+# The FFCV evaluation decoder's deviation from the recipes' protocol (PIL resize of the source
+# image to res / crop_pct, centre crop): it centre-crops the stored copy and resizes the crop
+# with OpenCV's area filter.
+_FFCV_EVAL = ("FFCV's centre-crop decoder resizes the .beton's stored copy with OpenCV's area "
+              "filter, not the source JPEG with PIL")
+
+
 @dataclass(kw_only=True)
 class ModelCfg:
     """The network: a timm model name (the suite registers the papers' models with timm)."""
@@ -102,7 +129,10 @@ class DataCfg:
     dataset: Literal["imagenet", "digits"] = _f(
         "imagenet", "imagenet (files at train_path/val_path) or the built-in digits set")
     format: Literal["ffcv", "folder"] = _f(
-        "ffcv", "ffcv (.beton files) or folder (torchvision ImageFolder, the baseline)", sci=False)
+        "ffcv", "ffcv (.beton files) or folder (torchvision ImageFolder, the baseline)", sci=False,
+        deviates_on={"ffcv": "training images are decoded from the .beton's stored copies "
+                     "(ffcv-imagenet's writer: longest side at most 500 px, half re-encoded as "
+                     "JPEG quality 90), not from the source JPEGs"})
     train_path: str | None = _f(None, "training .beton file or ImageFolder directory", sci=False)
     val_path: str | None = _f(None, "validation .beton file or ImageFolder directory", sci=False)
     train_images: int | None = _f(
@@ -114,14 +144,18 @@ class DataCfg:
         "gradient accumulation", sci=False, check=_positive)
     workers: int = _f(8, "loader workers per process", sci=False, check=_non_negative)
     in_memory: bool = _f(True, "FFCV: the .beton fits in RAM: read it through the OS page "
-                         "cache; false: ffcv's own page reader", sci=False)
-    interpolation: Literal["bilinear", "bicubic"] = _f("bicubic", "resize interpolation (train)")
+                         "cache; false: ffcv's own page reader", sci=False, only="ffcv")
+    interpolation: Literal["bilinear", "bicubic"] = _f(
+        "bicubic", "resize interpolation (train crop; also the auto-augment geometric ops)",
+        deviates_on={"ffcv": "FFCV's random-resized crop resizes with OpenCV's area filter "
+                     "(hard-coded in ffcv 1.0.2); the auto-augment ops use this interpolation"})
     scale: list[float] = _f([0.08, 1.0], "RandomResizedCrop area range", check=_pair)
     ratio: list[float] = _f([0.75, 4 / 3], "RandomResizedCrop aspect-ratio range", check=_pair)
     hflip: float = _f(0.5, "horizontal flip probability", check=_fraction)
     mean: list[float] = _f([0.485, 0.456, 0.406], "normalisation mean (RGB, 0-1)", check=_triple)
     std: list[float] = _f([0.229, 0.224, 0.225], "normalisation std (RGB, 0-1)", check=_triple)
-    repeated_aug: bool = _f(False, "repeated-augmentation sampler (DeiT/LeViT, 3 repeats)")
+    repeated_aug: bool = _f(False, "repeated-augmentation sampler (DeiT/LeViT, 3 repeats)",
+                            inert=(False,))
 
 
 @dataclass(kw_only=True)
@@ -130,9 +164,10 @@ class AugCfg:
 
     auto_augment: str | None = _f(
         None, "timm policy string: 'rand-m9-mstd0.5-inc1' (RandAugment), 'original' "
-        "(AutoAugment), or null")
-    color_jitter: float | None = _f(None, "colour jitter strength (only without auto_augment)")
-    re_prob: float = _f(0.0, "random-erasing probability", check=_fraction)
+        "(AutoAugment), or null", check=_policy, inert=(None,))
+    color_jitter: float | None = _f(None, "colour jitter strength (only without auto_augment)",
+                                    inert=(None, 0.0))
+    re_prob: float = _f(0.0, "random-erasing probability", check=_fraction, inert=(0.0,))
     re_mode: Literal["const", "rand", "pixel"] = _f("pixel", "random-erasing fill")
     re_count: int = _f(1, "random-erasing boxes per image", check=_positive)
     mixup: float = _f(0.0, "Mixup alpha (0 = off)", check=_non_negative)
@@ -216,8 +251,10 @@ class EvalCfg:
 
     resolution: int | None = _f(None, "test crop size (null = data.resolution)", check=_positive)
     crop_pct: float = _f(0.875, "centre-crop fraction: resize to resolution / crop_pct",
-                         check=_fraction)
-    interpolation: Literal["bilinear", "bicubic"] = _f("bicubic", "resize interpolation (test)")
+                         check=_fraction, deviates_on={"ffcv": _FFCV_EVAL})
+    interpolation: Literal["bilinear", "bicubic"] = _f(
+        "bicubic", "resize interpolation (test)",
+        deviates_on={"ffcv": _FFCV_EVAL})
     batch_size: int = _f(256, "per-device evaluation batch", sci=False, check=_positive)
     every_epochs: int = _f(1, "evaluate every N epochs (and always at the end)", sci=False,
                            check=_positive)
@@ -489,6 +526,34 @@ def field_docs() -> dict[str, str]:
     return {k: f.metadata.get("doc", "") for k, f in _all_keys().items()}
 
 
+DATA_PATHS = ("ffcv", "folder")
+_PATH_SECTIONS = ("data", "aug", "eval")  # the keys whose meaning depends on the data path
+
+
+def path_report(recipe: Recipe, fmt: str | None = None, *, exact_eval: bool = False
+                ) -> tuple[list[str], list[str]]:
+    """(not applied, deviations) of `recipe` on data path `fmt` (default: its own), from the
+    schema's field metadata: keys the path cannot apply, and keys it applies differently from
+    the official code, each as `key=value` (deviations with how). Keys at an inert value are
+    never listed; `exact_eval`: the evaluation file reproduces the eval protocol exactly."""
+    fmt = fmt or recipe.data.format
+    not_applied, deviations = [], []
+    for key, f in _all_keys().items():
+        meta = f.metadata
+        if key.split(".")[0] not in _PATH_SECTIONS or meta.get("only") not in (None, fmt):
+            continue
+        value = _get_dotted(recipe, key)
+        if value in meta.get("inert", ()) or (exact_eval and key.startswith("eval.")):
+            continue
+        shown = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+        shown = shown.removesuffix("\n...").strip()
+        if fmt in meta.get("not_on", {}):
+            not_applied.append(f"{key}={shown}")
+        if fmt in meta.get("deviates_on", {}):
+            deviations.append(f"{key}={shown} ({meta['deviates_on'][fmt]})")
+    return not_applied, deviations
+
+
 def _suggest(dotted: str, root=None) -> str:
     root = root or Recipe
     keys = list(_all_keys(root)) + [f.name for f in dataclasses.fields(root)
@@ -736,6 +801,8 @@ def derive(recipe: Recipe, world_size: int, train_images: int | None = None) -> 
     s = recipe.schedule
     min_lr = s.min_lr if s.min_lr is not None else lr * (s.min_lr_ratio or 0.0)
     n = train_images or recipe.data.train_images
+    if n and recipe.data.repeated_aug:
+        n = n // 256 * 256  # RASampler's epoch (repro.data.order.repeated_aug_length)
     steps = n // gb if n else None  # the train loader drops the last partial batch
     if steps == 0:
         raise RecipeError(recipe.path, "train.global_batch",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,10 @@ class Loaders:
     num_classes: int
     train_images: int
     val_images: int
-    not_applied: list[str]  # recipe augmentations this loader cannot apply (see ffcv.py)
+    exact_eval: bool  # the evaluation images are exactly the recipe's eval protocol's
+    # From the schema (repro.recipe.path_report), filled in by build_loaders:
+    not_applied: list[str] = field(default_factory=list)  # recipe keys this path cannot apply
+    deviations: list[str] = field(default_factory=list)  # applied differently, and how
 
 
 def resolve_paths(recipe) -> tuple[str, str]:
@@ -77,6 +80,11 @@ def build_loaders(recipe, *, batch_size: int, eval_batch_size: int | None = None
         from repro.data import ffcv as backend
     else:
         from repro.data import folder as backend
-    return backend.build(recipe, train_path, val_path, batch_size=batch_size,
-                         eval_batch_size=eval_batch_size, rank=rank, world_size=world_size,
-                         device=device, seed=seed)
+    from repro.recipe import path_report
+
+    loaders = backend.build(recipe, train_path, val_path, batch_size=batch_size,
+                            eval_batch_size=eval_batch_size, rank=rank, world_size=world_size,
+                            device=device, seed=seed)
+    loaders.not_applied, loaders.deviations = path_report(recipe, loaders.format,
+                                                          exact_eval=loaders.exact_eval)
+    return loaders

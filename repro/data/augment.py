@@ -684,3 +684,90 @@ def auto_augment(spec: str, *, interpolation: str, mean) -> AutoAugment:
     does).
     """
     return AutoAugment(parse_policy(spec), interpolation=interpolation, mean=mean)
+
+
+# --------------------------------------------------------------------------------------------
+# Colour jitter and the whole training tail after FFCV.
+
+def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """torchvision's `ColorJitter(s, s, s)` as timm builds it from a scalar (no hue), per sample:
+    brightness, contrast and saturation factors uniform in [max(0, 1 - s), 1 + s], applied in a
+    random order; on PIL images those are ImageEnhance's Brightness / Contrast / Color, which
+    the ops above reproduce."""
+    n = x.shape[0]
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    order = torch.rand((n, 4), generator=generator).argsort(dim=1)  # randperm(4) per sample
+    factors = lo + (hi - lo) * torch.rand((n, 3), generator=generator, dtype=torch.float64)
+    fns = (brightness, contrast, color)  # torchvision's fn_idx 0, 1, 2 (3, hue, is off)
+    x = x.clone()
+    for k in range(4):
+        for f, fn in enumerate(fns):
+            hit = torch.nonzero(order[:, k] == f).flatten()
+            if hit.numel():
+                idx = hit.to(x.device)
+                x[idx] = fn(x[idx], factors[hit, f].to(x.device), None)
+    return x
+
+
+class TrainTail:
+    """timm's training transforms after the crop and flip, on a batch on the training device:
+    the auto-augment policy (or colour jitter, which timm turns off when a policy is set) on
+    uint8, then ToTensor + Normalize (x / 255, - mean, / std, float32, as torchvision computes
+    them), then timm's own `RandomErasing` on the normalised batch. Drawn per sample, from one
+    seed per batch: a batch's augmentation is a pure function of that seed."""
+
+    def __init__(self, *, auto_augment: str | None, color_jitter: float | None,
+                 interpolation: str, mean, std, re_prob: float, re_mode: str, re_count: int):
+        self.policy = None
+        if auto_augment:
+            self.policy = AutoAugment(parse_policy(auto_augment), interpolation=interpolation,
+                                      mean=mean)
+        self.jitter = color_jitter if (color_jitter and not auto_augment) else None
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.erasing = (re_prob, re_mode, re_count) if re_prob > 0 else None
+        self._erasers: dict = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.policy or self.jitter or self.erasing)
+
+    def _eraser(self, device):
+        from timm.data.random_erasing import RandomErasing
+
+        key = str(device)
+        if key not in self._erasers:
+            p, mode, count = self.erasing
+            self._erasers[key] = RandomErasing(p, mode=mode, max_count=count, device=device)
+        return self._erasers[key]
+
+    def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        x = images
+        if self.policy is not None:
+            x = self.policy(x, g)
+        elif self.jitter is not None:
+            x = color_jitter(x, self.jitter, g)
+        dev = x.device
+        out = x.to(torch.float32).div_(255).sub_(self.mean.to(dev)).div_(self.std.to(dev))
+        out = out.contiguous(memory_format=torch.channels_last)
+        if self.erasing is not None:
+            # timm's RandomErasing draws from Python's `random` and torch's generator: both are
+            # seeded for this batch and restored afterwards.
+            import random
+
+            state = random.getstate()
+            devices = [dev] if dev.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                random.seed(seed)
+                torch.manual_seed(seed)
+                out = self._eraser(dev)(out)
+            random.setstate(state)
+        return out
+
+
+def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """The augmentation seed of one training batch (any function of these four will do; this
+    one keeps them apart for any realistic run)."""
+    return (((seed * 1_000_003 + epoch) * 65_537 + rank) * 2_147_483_629 + batch) % 2**63

@@ -22,10 +22,12 @@ trainer must copy what it keeps); `drop_last` defaults to True (val sets it Fals
 order does not support distributed loading (RANDOM is used under DDP, as ffcv-imagenet does);
 every new Loader compiles its pipeline with numba (~10 s for the train pipeline).
 
-FFCV's decoders resize with OpenCV's INTER_AREA; that is fixed in ffcv 1.0.2, so the recipe's
-`data.interpolation` applies only to the ImageFolder loader. Per-image augmentations FFCV has no
-operation for (RandAugment/AutoAugment, colour jitter, random erasing) are reported in
-`Loaders.not_applied`, never silently dropped.
+The papers' per-image augmentations (RandAugment / AutoAugment, colour jitter, random erasing)
+run after FFCV's decode, crop and flip, as batched tensor operations on the training device
+(repro.data.augment.TrainTail); repeated augmentation is an ffcv order (ffcv_ops). FFCV's
+decoders resize with OpenCV's INTER_AREA, hard-coded in ffcv 1.0.2: the recipe's
+`data.interpolation` reaches the auto-augment ops but not the crop, a deviation the schema
+declares and `repro.recipe.path_report` lists.
 """
 
 from __future__ import annotations
@@ -80,11 +82,13 @@ def _open(path: str, split: str) -> int:
     return int(reader.num_samples)
 
 
-def _tail(mean, std, device: torch.device, hflip: float = 0.0):
+def _tail(mean, std, device: torch.device, hflip: float = 0.0, uint8: bool = False):
     """Flip, normalise, convert to torch: JIT stages first, torch stages last (module doc).
 
     On CPU the flip and the normalisation are one pass (`FlipNormalize`); on GPU the order is
-    ffcv-imagenet's: flip on the CPU, normalise on the device.
+    ffcv-imagenet's: flip on the CPU, normalise on the device. `uint8`: stop after the flip and
+    hand uint8 N x 3 x H x W images (on the device) to the device augmentation, which
+    normalises after it (repro.data.augment.TrainTail).
     """
     from ffcv.transforms import (
         NormalizeImage,
@@ -96,23 +100,27 @@ def _tail(mean, std, device: torch.device, hflip: float = 0.0):
 
     from repro.data.ffcv_ops import FlipNormalize
 
+    flip = [RandomHorizontalFlip(flip_prob=hflip)] if hflip > 0 else []
+    to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    if uint8:
+        return flip + [ToTensor(), *to_device, ToTorchImage()]
     mean = np.array(mean) * 255
     std = np.array(std) * 255
     if device.type == "cuda":
-        flip = [RandomHorizontalFlip(flip_prob=hflip)] if hflip > 0 else []
-        return flip + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+        return flip + [ToTensor(), *to_device, ToTorchImage(),
                        NormalizeImage(mean, std, np.float32)]
     normalize = FlipNormalize(hflip, mean, std) if hflip > 0 else NormalizeImage(
         mean, std, np.float32)
     return [normalize, ToTensor(), ToTorchImage()]
 
 
-def train_pipeline(res: int, scale, ratio, hflip: float, mean, std, device) -> list:
+def train_pipeline(res: int, scale, ratio, hflip: float, mean, std, device,
+                   uint8: bool = False) -> list:
     from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
 
     return [RandomResizedCropRGBImageDecoder((res, res), scale=tuple(scale),
                                              ratio=tuple(ratio))] + _tail(
-        mean, std, torch.device(device), hflip)
+        mean, std, torch.device(device), hflip, uint8)
 
 
 def val_pipeline(res: int, crop_pct: float, mean, std, device) -> list:
@@ -136,21 +144,26 @@ def label_pipeline(device) -> list:
 
 
 def make_loader(path: str, pipeline: list, *, batch_size: int, workers: int, train: bool,
-                distributed: bool, device, seed: int, indices=None, in_memory: bool = True):
+                distributed: bool, device, seed: int, indices=None, in_memory: bool = True,
+                repeated_aug: bool = False, rank: int = 0, world: int = 1):
     """An ffcv Loader over `path` with `pipeline` for images.
 
     As ffcv-imagenet: training on one process reads in QUASI_RANDOM order (the file's pages in
     a random order, 2 x batch_size of them buffered, samples shuffled within them: a full
     shuffle in effect, with page-sized reads), under DDP in RANDOM order (QUASI_RANDOM is not
-    implemented for distributed loading); evaluation reads sequentially. `in_memory`: read
-    through the OS page cache (a file that fits in RAM) rather than ffcv's own page reader.
+    implemented for distributed loading); evaluation reads sequentially. `repeated_aug`: DeiT's
+    repeated augmentation on any number of processes (repro.data.order), dealt to this `rank`
+    of `world` by the order itself. `in_memory`: read through the OS page cache (a file that
+    fits in RAM) rather than ffcv's own page reader.
     """
     import_ffcv()
     from ffcv.loader import Loader, OrderOption
 
-    from repro.data.ffcv_ops import SeededQuasiRandom
+    from repro.data.ffcv_ops import RepeatedAugmentation, SeededQuasiRandom
 
-    if not train:
+    if train and repeated_aug:
+        order, distributed = OrderOption.RANDOM, False  # replaced below
+    elif not train:
         order = OrderOption.SEQUENTIAL
     elif distributed:
         order = OrderOption.RANDOM
@@ -160,23 +173,28 @@ def make_loader(path: str, pipeline: list, *, batch_size: int, workers: int, tra
                     os_cache=in_memory, drop_last=train, distributed=distributed, seed=seed,
                     indices=indices, pipelines={"image": pipeline,
                                                 "label": label_pipeline(device)})
-    if order == OrderOption.QUASI_RANDOM:
-        # Fixed by (seed, epoch) (see ffcv_ops). Set after construction: ffcv 1.0.2's Loader
-        # rejects TraversalOrder subclasses (it tests isinstance, not issubclass).
+    # Orders fixed by (seed, epoch) (see ffcv_ops), set after construction: ffcv 1.0.2's Loader
+    # rejects TraversalOrder subclasses (it tests isinstance, not issubclass). Its length comes
+    # from the first epoch's order, so that is drawn again.
+    if train and repeated_aug:
+        loader.traversal_order = RepeatedAugmentation(loader, rank, world)
+    elif order == OrderOption.QUASI_RANDOM:
         loader.traversal_order = SeededQuasiRandom(loader)
+    loader.first_traversal_order = loader.next_traversal_order()
     return loader
 
 
 class FFCVTrain:
     """Training batches of one epoch, from any batch on (for resume).
 
-    The sample order is FFCV's, fixed by (seed, epoch); its random crops and flips are drawn in
-    numba threads that no seed reaches, so a resumed FFCV run repeats the order, not the
-    augmentation (the ImageFolder loader is the bitwise-reproducible one).
+    The sample order is fixed by (seed, epoch), and so is the device augmentation (`augment`:
+    one seed per (seed, epoch, rank, batch)); FFCV's random crops and flips are drawn in numba
+    threads that no seed reaches, so a resumed FFCV run repeats the order and the device
+    augmentation, not the crops (the ImageFolder loader is the bitwise-reproducible one).
     """
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, augment=None, seed: int = 0, rank: int = 0):
+        self.loader, self.augment, self.seed, self.rank = loader, augment, seed, rank
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -186,44 +204,45 @@ class FFCVTrain:
         it = iter(self.loader)
         for _ in range(start_batch):  # FFCV cannot start mid-epoch: decode and discard
             next(it)
-        return it
+        if self.augment is None:
+            return it
+        return self._augmented(it, epoch, start_batch)
 
-    def __iter__(self):
-        return iter(self.loader)
+    def _augmented(self, batches, epoch: int, start: int):
+        from repro.data.augment import batch_seed
+
+        for b, (images, labels) in enumerate(batches, start):
+            yield self.augment(images, batch_seed(self.seed, epoch, self.rank, b)), labels
+
+    def __iter__(self):  # each pass is the next epoch, as ffcv's own loader
+        return self.epoch(self.loader.next_epoch)
 
 
 def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch_size: int,
           rank: int, world_size: int, device, seed: int) -> Loaders:
-    d, e = recipe.data, recipe.eval
+    from repro.data.augment import TrainTail
+
+    d, a, e = recipe.data, recipe.aug, recipe.eval
     n_train, n_val = _open(train_path, "train"), _open(val_path, "val")
+    tail = TrainTail(auto_augment=a.auto_augment, color_jitter=a.color_jitter,
+                     interpolation=d.interpolation, mean=d.mean, std=d.std, re_prob=a.re_prob,
+                     re_mode=a.re_mode, re_count=a.re_count)
+    tail = tail if tail.active else None
     train = make_loader(train_path, train_pipeline(d.resolution, d.scale, d.ratio, d.hflip,
-                                                   d.mean, d.std, device),
+                                                   d.mean, d.std, device,
+                                                   uint8=tail is not None),
                         batch_size=batch_size, workers=d.workers, train=True,
                         distributed=world_size > 1, device=device, seed=seed,
-                        in_memory=d.in_memory)
+                        in_memory=d.in_memory, repeated_aug=d.repeated_aug, rank=rank,
+                        world=world_size)
     # Evaluation: disjoint shards, no padding (FFCV's distributed mode would pad).
     val = make_loader(val_path, val_pipeline(e.resolution or d.resolution, e.crop_pct, d.mean,
                                              d.std, device),
                       batch_size=eval_batch_size, workers=d.workers, train=False,
                       distributed=False, device=device, seed=seed,
                       indices=list(range(rank, n_val, world_size)), in_memory=d.in_memory)
-    train = FFCVTrain(train)
+    train = FFCVTrain(train, tail, seed, rank)
     side = read_sidecar(train_path) or {}
     num_classes = side.get("num_classes") or recipe.model.num_classes
     return Loaders(train, val, "ffcv", train_path, val_path, num_classes, n_train, n_val,
-                   not_applied_on_ffcv(recipe))
-
-
-def not_applied_on_ffcv(recipe) -> list[str]:
-    """Recipe augmentations with no FFCV operation here (honestly reported, not faked)."""
-    a = recipe.aug
-    missing = []
-    if a.auto_augment:
-        missing.append(f"aug.auto_augment={a.auto_augment}")
-    if a.color_jitter:
-        missing.append(f"aug.color_jitter={a.color_jitter}")
-    if a.re_prob > 0:
-        missing.append(f"aug.re_prob={a.re_prob}")
-    if recipe.data.repeated_aug:
-        missing.append("data.repeated_aug=true")
-    return missing
+                   exact_eval=False)

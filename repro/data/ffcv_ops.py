@@ -1,4 +1,4 @@
-"""repro's additions to FFCV: a one-pass flip + normalise operation, a reproducible order.
+"""repro's additions to FFCV: a one-pass flip + normalise operation, reproducible orders.
 
 `FlipNormalize` (CPU). ffcv's CPU train tail is `RandomHorizontalFlip` (a uint8 copy of every
 image, flipped or not) then `NormalizeImage` (a lookup table, uint8 -> float32). This does both
@@ -25,6 +25,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import NormalizeImage
 from ffcv.traversal_order import QuasiRandom
+from ffcv.traversal_order.base import TraversalOrder
 
 
 class FlipNormalize(Operation):
@@ -86,3 +87,19 @@ class SeededQuasiRandom(QuasiRandom):
             return super().sample_order(epoch)
         finally:
             self.page_to_samples_array = pristine
+
+
+class RepeatedAugmentation(TraversalOrder):
+    """DeiT's repeated augmentation (RASampler) as an ffcv order: this rank's share of
+    `repro.data.order.repeated_aug_order`, a pure function of (seed, epoch). The Loader is built
+    non-distributed: this order deals the samples to the ranks itself."""
+
+    def __init__(self, loader, rank: int, world: int):
+        super().__init__(loader)
+        self.rank, self.world = rank, world
+
+    def sample_order(self, epoch: int):
+        from repro.data.order import repeated_aug_order
+
+        idx, _ = repeated_aug_order(len(self.indices), self.seed, epoch, self.rank, self.world)
+        return self.indices[idx.numpy()]

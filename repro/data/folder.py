@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 
-from repro.data import DataError, Loaders
+from repro.data import DataError, Loaders, order
 
 
 def _channels_last(batches):
@@ -30,23 +31,26 @@ def _channels_last(batches):
 
 
 class _EpochOrder(Sampler):
-    """This rank's share of a (seed, epoch) permutation, as (index, sample seed) pairs."""
+    """This rank's share of the epoch's order (repro.data.order: a shuffle, or repeated
+    augmentation), as (index, sample seed) pairs; the seed follows the sample's position in the
+    epoch, so the repeated copies of an image are augmented differently."""
 
-    def __init__(self, n: int, seed: int, rank: int, world: int):
+    def __init__(self, n: int, seed: int, rank: int, world: int, repeated_aug: bool):
         self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.per_rank = n // world  # equal shares: the tail is dropped, as DDP samplers do
+        self.repeated_aug = repeated_aug
+        self.per_rank = order.samples_per_rank(n, world, repeated_aug)
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
         return self.per_rank - self.start
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[: self.per_rank * self.world]
-        mine = order[self.rank::self.world].tolist()
-        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
-        for i in mine[self.start:]:
-            yield i, (base + i) % 2**63
+        indices, positions = order.train_order(self.n, self.seed, self.epoch, self.rank,
+                                               self.world, self.repeated_aug)
+        base = order.epoch_seed(self.seed, self.epoch) * 10_000_019
+        for i, p in zip(indices[self.start:].tolist(), positions[self.start:].tolist(),
+                        strict=True):
+            yield i, (base + p) % 2**63
 
 
 class _Seeded(Dataset):
@@ -75,8 +79,8 @@ class FolderTrain:
     """Training batches of one epoch, from any batch on (for resume)."""
 
     def __init__(self, ds: ImageFolder, batch_size: int, workers: int, seed: int, rank: int,
-                 world: int, pin: bool):
-        self.order = _EpochOrder(len(ds), seed, rank, world)
+                 world: int, pin: bool, repeated_aug: bool = False):
+        self.order = _EpochOrder(len(ds), seed, rank, world, repeated_aug)
         # Workers can persist across epochs: each sample's seed travels with its index. The
         # loader draws its workers' base seed from its own generator, never from the global
         # torch RNG that dropout and drop path use (a resumed run would draw it mid-epoch).
@@ -122,13 +126,38 @@ def _dataset(path: str, split: str, transform) -> ImageFolder:
             from None
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits giving a black image as Pillow < 13 and TensorFlow do
+    (Pillow 13's ImageOps.posterize raises ValueError for 0 bits, which timm's
+    `_posterize_increasing_level_to_arg` asks for at magnitude 10 and `v0`'s Posterize at
+    magnitude 2)."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size, 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _with_posterize_fix(transform):
+    """Point every posterize op of timm's RandAugment / AutoAugment in `transform` at
+    `_posterize`; everything else stays timm's."""
+    from timm.data import auto_augment as taa
+
+    for t in getattr(transform, "transforms", []):
+        ops = getattr(t, "ops", None) or [op for sub in getattr(t, "policy", []) for op in sub]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is taa.posterize:
+                op.aug_fn = _posterize
+    return transform
+
+
 def train_transform(recipe):
     d, a = recipe.data, recipe.aug
-    return create_transform(
+    return _with_posterize_fix(create_transform(
         d.resolution, is_training=True, scale=tuple(d.scale), ratio=tuple(d.ratio),
         hflip=d.hflip, vflip=0.0, color_jitter=a.color_jitter, auto_augment=a.auto_augment,
         interpolation=d.interpolation, mean=tuple(d.mean), std=tuple(d.std),
-        re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
+        re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count))
 
 
 def val_transform(recipe):
@@ -144,10 +173,11 @@ def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch
     val_ds = _dataset(val_path, "val", val_transform(recipe))
     workers = recipe.data.workers
     pin = torch.device(device).type == "cuda"
-    train = FolderTrain(train_ds, batch_size, workers, seed, rank, world_size, pin)
+    train = FolderTrain(train_ds, batch_size, workers, seed, rank, world_size, pin,
+                        recipe.data.repeated_aug)
     # Evaluation: disjoint shards, no padding, so summed counts are exact.
     shard = Subset(val_ds, range(rank, len(val_ds), world_size))
     val = FolderVal(DataLoader(shard, eval_batch_size, shuffle=False, num_workers=workers,
                                pin_memory=pin, generator=torch.Generator().manual_seed(seed)))
     return Loaders(train, val, "folder", train_path, val_path, len(train_ds.classes),
-                   len(train_ds), len(val_ds), [])
+                   len(train_ds), len(val_ds), exact_eval=True)

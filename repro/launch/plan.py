@@ -6,7 +6,7 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from repro import papers
-from repro.recipe import Recipe, derive
+from repro.recipe import Recipe, derive, path_report
 
 # World sizes shown by --dry-run besides the recipe's own: a laptop, one node, a paper-scale job.
 SHOWN_WORLD_SIZES = (1, 8, 64)
@@ -52,6 +52,13 @@ def world_sizes_for(recipe: Recipe, extra: list[int] | None = None) -> list[int]
     return sorted(s for s in sizes if recipe.train.global_batch % s == 0)
 
 
+def path_lines(recipe: Recipe) -> list[str]:
+    """What the recipe's data path cannot apply and applies differently (from the schema)."""
+    not_applied, deviations = path_report(recipe, exact_eval=recipe.data.format == "folder")
+    return [f"not applied: {', '.join(not_applied) or 'none'}",
+            f"deviations: {'; '.join(deviations) or 'none'}"]
+
+
 def render(recipe: Recipe, extra_world_sizes: list[int] | None = None) -> str:
     """The full dry-run text."""
     status = "canonical" if recipe.canonical else (
@@ -67,6 +74,8 @@ def render(recipe: Recipe, extra_world_sizes: list[int] | None = None) -> str:
         f"model      {recipe.model.name}",
         f"launch     {recipe.launch.nodes} node(s) x {recipe.launch.gpus_per_node} GPU(s) = "
         f"world size {own}",
+        f"data       {recipe.data.format}",
+        *path_lines(recipe),
         "",
         "# resolved recipe",
         recipe.to_yaml().rstrip(),

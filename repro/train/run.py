@@ -223,7 +223,8 @@ def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
             "steps_planned": d.total_steps, "world_size": env.world_size,
             "device": str(env.device), "amp": t.amp, "channels_last": t.channels_last,
             "compile": t.compile, "data_format": loaders.format,
-            "augmentations_not_applied": loaders.not_applied, "global_batch": d.global_batch,
+            "not_applied": loaders.not_applied, "deviations": loaders.deviations,
+            "global_batch": d.global_batch,
             "lr": d.lr, **complexity}
     if teacher_note:
         base["notes"] = teacher_note
