@@ -192,6 +192,10 @@ class OptimCfg:
     weight_decay: float = _f(0.0, "decoupled (AdamW) or L2 (SGD) weight decay",
                              check=_non_negative)
     wd_norm_bias: bool = _f(False, "also decay norm weights and biases (the papers do not)")
+    wd_skip_model_list: bool = _f(
+        True, "also exempt what the model's no_weight_decay() names from weight decay (timm's "
+        "rule: position embeddings, class tokens, LeViT's attention biases, CoAtNet's "
+        "relative-position tables); false decays them, as pycls does for ViT_P/ViT_C")
     betas: list[float] = _f([0.9, 0.999], "Adam betas", check=_pair)
     eps: float = _f(1.0e-8, "Adam epsilon", check=_positive)
     momentum: float = _f(0.9, "SGD momentum", check=_fraction)

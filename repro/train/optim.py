@@ -7,14 +7,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 
 from repro.recipe import Derived, Recipe
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
-    """timm's factory; no weight decay on norms, biases and the model's `no_weight_decay()`."""
+    """timm's factory. No weight decay on norms and biases (every tensor of one dimension or
+    less, timm's `param_groups_weight_decay`) unless `optim.wd_norm_bias`; nor on what the
+    model's `no_weight_decay()` names, unless `optim.wd_skip_model_list` is false."""
     o = recipe.optim
     name = o.name
     kwargs = {}
@@ -22,7 +24,10 @@ def build_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> torch.optim.
         kwargs = {"betas": tuple(o.betas), "eps": o.eps}
     elif name == "sgd":
         name = "sgd" if o.nesterov else "momentum"  # timm's "sgd" means Nesterov
-    return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=o.weight_decay,
+    params = model
+    if not o.wd_norm_bias and not o.wd_skip_model_list:
+        params = param_groups_weight_decay(model, o.weight_decay, no_weight_decay_list=())
+    return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=o.weight_decay,
                                momentum=o.momentum, filter_bias_and_bn=not o.wd_norm_bias,
                                **kwargs)
 

@@ -51,9 +51,8 @@ def smoke_overrides(recipe: Recipe) -> list[str]:
 def create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     m = recipe.model
     kwargs = dict(m.kwargs)
-    kwargs.update(num_classes=num_classes, drop_rate=m.drop_rate)
-    if m.drop_path:
-        kwargs["drop_path_rate"] = m.drop_path
+    # Both always passed: an explicit 0 must mean 0, not the model's default.
+    kwargs.update(num_classes=num_classes, drop_rate=m.drop_rate, drop_path_rate=m.drop_path)
     cfg = timm.models.get_pretrained_cfg(m.name)
     if cfg is not None and cfg.fixed_input_size and cfg.input_size[-1] != recipe.data.resolution:
         kwargs.setdefault("img_size", recipe.data.resolution)
@@ -127,6 +126,12 @@ def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
     probe = derive(recipe, env.world_size, train_images=1 << 40)  # batch split only
     loaders = build_loaders(recipe, batch_size=probe.micro_batch, rank=env.rank,
                             world_size=env.world_size, device=str(env.device), seed=t.seed)
+    claimed = recipe.data.train_images
+    if claimed is not None and claimed != loaders.train_images:
+        raise RecipeError(recipe.path, "data.train_images",
+                          f"{claimed} but {loaders.train_path} holds {loaders.train_images} "
+                          f"images (the schedule's length follows it: set "
+                          f"data.train_images={loaders.train_images} if this is the data meant)")
     d = derive(recipe, env.world_size, train_images=loaders.train_images)
     if recipe.model.num_classes != loaders.num_classes:
         raise RecipeError(recipe.path, "model.num_classes",
