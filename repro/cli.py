@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                       help="unreadable images: skip and list them (default), or stop")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    conv.add_argument("--eval-protocol", metavar="RES,CROP_PCT,INTERP", default=None,
+                      help="write an evaluation file: each image resized (shorter side to "
+                      "RES / CROP_PCT, bilinear|bicubic) and centre-cropped to RES with PIL, as "
+                      "the recipes' eval protocol does, stored raw; default name e.g. "
+                      "val_224_0.875_bicubic.beton")
     dig = dsub.add_parser("digits", help="build the built-in digits set (done on first use)")
     dig.add_argument("--size", type=int, default=32, help="image side in px (default 32)")
 
@@ -238,9 +243,17 @@ def cmd_data(args) -> int:
                              "'.[ffcv]'")
     from repro.data.convert import convert, sidecar_path
 
+    protocol = None
+    if args.eval_protocol:
+        parts = args.eval_protocol.split(",")
+        try:
+            protocol = (int(parts[0]), float(parts[1]), parts[2])
+        except (ValueError, IndexError):
+            raise data.DataError(f"--eval-protocol {args.eval_protocol}: expected "
+                                 "RES,CROP_PCT,INTERP, e.g. 224,0.875,bicubic") from None
     record = convert(args.src, args.dst, max_res=args.max_res or None, quality=args.quality,
                      compress_prob=args.compress_prob, workers=args.workers,
-                     on_error=args.on_error, overwrite=args.overwrite)
+                     on_error=args.on_error, overwrite=args.overwrite, eval_protocol=protocol)
     dst = record["destination"]
     print(f"wrote {dst}: {record['num_images']} images, {record['num_classes']} classes; "
           f"skipped {record['skipped_count']} unreadable (listed in {sidecar_path(dst)})")

@@ -364,3 +364,84 @@ def test_ffcv_leaves_torch_threads_alone(digits):
     for _ in loader:  # ffcv's loader thread sets threads at each epoch's start
         pass
     assert torch.get_num_threads() == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation protocol, exactly, on both paths.
+
+@pytest.fixture(scope="module")
+def val_jpegs(tmp_path_factory) -> Path:
+    """Photo JPEGs of assorted sizes and aspect ratios, in class folders."""
+    root = tmp_path_factory.mktemp("valjpegs") / "val"
+    sizes = [(120, 90), (64, 100), (77, 77), (200, 61), (45, 130), (96, 72)]
+    for i, size in enumerate(sizes * 2):
+        d = root / f"c{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        photo(i, 200).resize(size, Image.BICUBIC).save(d / f"{i}.JPEG", quality=90)
+    return root
+
+
+def _protocol_recipe(tmp_path, fmt: str, val: Path, interp: str, crop: float = 0.875) -> Path:
+    path = tmp_path / f"{fmt}_{interp}.yaml"
+    path.write_text(textwrap.dedent(f"""
+        model: {{name: vit_c_nano, num_classes: 3}}
+        data: {{format: {fmt}, train_path: {val}, val_path: {val}, train_images: 12,
+                resolution: 32, workers: 1}}
+        eval: {{resolution: 32, crop_pct: {crop}, interpolation: {interp}, batch_size: 5}}
+        optim: {{lr: 1.0e-3}}
+        schedule: {{epochs: 1}}
+        train: {{global_batch: 4}}
+    """))
+    return path
+
+
+@pytest.mark.parametrize("interp", ["bicubic", "bilinear"])
+def test_evaluation_gives_the_model_the_protocols_image_on_both_paths(val_jpegs, tmp_path,
+                                                                      interp):
+    """Per image: PIL Resize(int(32 / 0.875), interp) + CenterCrop(32) of the source JPEG is
+    what reaches the model, through an eval-protocol .beton and through the folder loader."""
+    from repro.data.convert import convert, eval_protocol_of, load_rgb, read_sidecar
+    from repro.data.folder import eval_resize_crop
+
+    record = convert(val_jpegs, f"{tmp_path}/", eval_protocol=(32, 0.875, interp), workers=1,
+                     progress=False)
+    beton = Path(record["destination"])
+    assert beton.name == f"val_32_0.875_{interp}.beton"
+    assert eval_protocol_of(beton) == read_sidecar(beton)["eval_protocol"] == \
+        {"resolution": 32, "crop_pct": 0.875, "interpolation": interp}
+    from torchvision.datasets import ImageFolder
+
+    ref = [np.asarray(eval_resize_crop(32, 0.875, interp)(load_rgb(p)))
+           for p, _ in ImageFolder(str(val_jpegs)).samples]  # the sorted order both loaders use
+    for fmt, val in (("ffcv", beton), ("folder", val_jpegs)):
+        loaders = build_loaders(load_recipe(_protocol_recipe(tmp_path, fmt, val, interp)),
+                                batch_size=4)
+        assert loaders.exact_eval and not [d for d in loaders.deviations if "eval." in d]
+        images = torch.cat([x.clone() for x, _ in loaders.val])
+        levels = (images * torch.tensor(STD).view(1, 3, 1, 1) +
+                  torch.tensor(MEAN).view(1, 3, 1, 1)).round().permute(0, 2, 3, 1).numpy()
+        assert len(levels) == len(ref) == 12
+        for got, want in zip(levels, ref, strict=True):
+            assert np.abs(got - want.astype(np.float64)).max() <= 1, fmt
+
+
+def test_an_eval_file_for_another_protocol_is_refused_in_one_line(val_jpegs, tmp_path):
+    from repro.data.convert import convert
+
+    record = convert(val_jpegs, f"{tmp_path}/", eval_protocol=(32, 0.875, "bicubic"),
+                     workers=1, progress=False)
+    r = load_recipe(_protocol_recipe(tmp_path, "ffcv", Path(record["destination"]), "bicubic",
+                                     crop=0.9))
+    with pytest.raises(DataError) as e:
+        build_loaders(r, batch_size=4)
+    msg = str(e.value)
+    assert "\n" not in msg and "val_32_0.875_bicubic.beton: written for the eval protocol " \
+        "32,0.875,bicubic, the recipe asks for 32,0.9,bicubic" in msg
+    assert "--eval-protocol 32,0.9,bicubic" in msg
+    # A training-style file evaluates with FFCV's own centre crop: listed as a deviation.
+    plain = convert(val_jpegs, f"{tmp_path}/plain/", max_res=None, workers=1, progress=False)
+    loaders = build_loaders(load_recipe(_protocol_recipe(tmp_path, "ffcv",
+                                                         Path(plain["destination"]),
+                                                         "bicubic")), batch_size=4)
+    assert not loaders.exact_eval
+    assert any(d.startswith("eval.interpolation=bicubic") for d in loaders.deviations)

@@ -5,6 +5,13 @@ images stored as JPEG and half raw) and are recorded twice: in the default file 
 (`train_500_0.50_90.beton`, as ffcv-imagenet names them) and in a sidecar `<file>.json` with
 the class list and every skipped file.
 
+`eval_protocol=(res, crop_pct, interpolation)` writes an evaluation file instead: each image is
+what the recipes' protocol gives the model, PIL's `Resize(int(res / crop_pct), interpolation)`
++ `CenterCrop(res)` (timm's eval transform, the official codes' own) applied to the source
+file, stored as raw pixels; the name records the protocol (`val_224_0.875_bicubic.beton`) and
+so does the sidecar, which the FFCV loader checks against the recipe. Evaluation through FFCV
+is then exactly the protocol, with no decode cost at all.
+
 Real ImageNet is not clean: CMYK and grayscale JPEGs, a PNG named .JPEG, the odd truncated
 file. Every image is checked first (a cheap reduced-size JPEG decode that still reads the whole
 file) so that the writer, which allocates one slot per image up front, only sees images that
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -34,6 +42,30 @@ def default_name(src: str | os.PathLike, max_res: int | None, compress_prob: flo
                  quality: int) -> str:
     """ffcv-imagenet's naming: split, max side, compress probability, JPEG quality."""
     return f"{Path(src).name}_{max_res or 'full'}_{compress_prob:.2f}_{quality}.beton"
+
+
+def protocol_name(src: str | os.PathLike, res: int, crop_pct: float, interpolation: str) -> str:
+    """An eval-protocol file's name: split, resolution, crop fraction, interpolation."""
+    return f"{Path(src).name}_{res}_{crop_pct:g}_{interpolation}.beton"
+
+
+_PROTOCOL_NAME = re.compile(r"_(\d+)_([0-9.]+)_(bilinear|bicubic)\.beton$")
+
+
+def eval_protocol_of(beton: str | os.PathLike) -> dict | None:
+    """The eval protocol a .beton was written with: from its sidecar when it exists, else
+    from a protocol name (a file not yet written); None for a training-style file."""
+    side = read_sidecar(beton)
+    if side is not None:
+        return side.get("eval_protocol")
+    m = _PROTOCOL_NAME.search(str(beton))
+    if m is None:
+        return None
+    return {"resolution": int(m[1]), "crop_pct": float(m[2]), "interpolation": m[3]}
+
+
+def protocol(res: int, crop_pct: float, interpolation: str) -> dict:
+    return {"resolution": int(res), "crop_pct": float(crop_pct), "interpolation": interpolation}
 
 
 def sidecar_path(beton: str | os.PathLike) -> Path:
@@ -80,25 +112,31 @@ def _default_signals() -> None:
 
 
 class _ImageFolderRGB:
-    """Indexable (image as uint8 HxWx3, label) pairs for FFCV's writer."""
+    """Indexable (image as uint8 HxWx3, label) pairs for FFCV's writer; `transform`: a PIL
+    transform applied first (the eval protocol's resize and centre crop)."""
 
-    def __init__(self, samples: list[tuple[str, int]]):
-        self.samples = samples
+    def __init__(self, samples: list[tuple[str, int]], transform=None):
+        self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return np.asarray(load_rgb(path)), label
+        img = load_rgb(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return np.asarray(img), label
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | None = 500,
             quality: int = 90, compress_prob: float = 0.5, workers: int | None = None,
-            on_error: str = "skip", overwrite: bool = False, progress: bool = True) -> dict:
+            on_error: str = "skip", overwrite: bool = False, progress: bool = True,
+            eval_protocol: tuple[int, float, str] | None = None) -> dict:
     """Write `src` (an ImageFolder tree) to the .beton `dst`; returns the sidecar record.
 
-    `dst` may be a directory (or end in '/'): the file is then named by `default_name`.
+    `dst` may be a directory (or end in '/'): the file is then named by `default_name`, or by
+    `protocol_name` for an `eval_protocol` file (module doc).
     """
     from tqdm import tqdm
 
@@ -117,9 +155,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
     if not 0 <= compress_prob <= 1 or not 1 <= quality <= 100:
         raise DataError(f"compress_prob must be in [0, 1] and quality in [1, 100], got "
                         f"{compress_prob}, {quality}")
+    transform = None
+    if eval_protocol is not None:
+        from repro.data.folder import eval_resize_crop
+
+        res, crop_pct, interpolation = eval_protocol
+        if interpolation not in ("bilinear", "bicubic") or not 0 < crop_pct <= 1 or res < 1:
+            raise DataError(f"eval protocol {res},{crop_pct},{interpolation}: expected "
+                            "RES,CROP_PCT,bilinear|bicubic with 0 < CROP_PCT <= 1")
+        transform = eval_resize_crop(res, crop_pct, interpolation)
     dst = Path(dst)
     if dst.is_dir() or str(dst).endswith(os.sep):
-        dst = dst / default_name(src, max_res, compress_prob, quality)
+        dst = dst / (protocol_name(src, *eval_protocol) if eval_protocol else
+                     default_name(src, max_res, compress_prob, quality))
     if dst.exists() and not overwrite:
         raise DataError(f"{dst}: already exists (pass --overwrite to replace it)")
     workers = workers or os.cpu_count() or 1
@@ -142,14 +190,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    fields = {
-        "image": RGBImageField(write_mode="proportion", max_resolution=max_res,
-                               jpeg_quality=quality, compress_probability=compress_prob),
-        "label": IntField(),
-    }
+    image = (RGBImageField(write_mode="raw") if eval_protocol else
+             RGBImageField(write_mode="proportion", max_resolution=max_res,
+                           jpeg_quality=quality, compress_probability=compress_prob))
+    fields = {"image": image, "label": IntField()}
     try:
         writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-        writer.from_indexed_dataset(_ImageFolderRGB(good), chunksize=100)
+        writer.from_indexed_dataset(_ImageFolderRGB(good, transform), chunksize=100)
         import ffcv
 
         record = {
@@ -159,9 +206,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
             "num_images": len(good),
             "num_classes": len(classes),
             "classes": classes,  # index i = classes[i] (sorted folder names)
-            "writer": {"max_resolution": max_res, "jpeg_quality": quality,
-                       "compress_probability": compress_prob, "write_mode": "proportion",
-                       "ffcv": getattr(ffcv, "__version__", "?")},
+            "writer": ({"write_mode": "raw"} if eval_protocol else
+                       {"max_resolution": max_res, "jpeg_quality": quality,
+                        "compress_probability": compress_prob, "write_mode": "proportion"})
+            | {"ffcv": getattr(ffcv, "__version__", "?")},
+            "eval_protocol": protocol(*eval_protocol) if eval_protocol else None,
             "skipped_count": len(skipped),
             "skipped": skipped,
         }

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from repro.data import DataError, Loaders
-from repro.data.convert import read_sidecar
+from repro.data.convert import eval_protocol_of, protocol, read_sidecar
 
 _PATCHED = False
 
@@ -123,13 +123,16 @@ def train_pipeline(res: int, scale, ratio, hflip: float, mean, std, device,
         mean, std, torch.device(device), hflip, uint8)
 
 
-def val_pipeline(res: int, crop_pct: float, mean, std, device) -> list:
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+def val_pipeline(res: int, crop_pct: float, mean, std, device, exact: bool = False) -> list:
+    """`exact`: the file holds the protocol's images already (an eval-protocol file, see
+    repro.data.convert): decode as they are. Otherwise FFCV's centre-crop decoder, whose
+    `ratio` is the crop's share of the shorter side (the geometry of resize(res / crop_pct) +
+    centre-crop(res)) but which resizes the stored copy with OpenCV's area filter."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
 
-    # FFCV's `ratio` is the centre crop's share of the shorter side: the same geometry as
-    # resize(res / crop_pct) then centre-crop(res).
-    return [CenterCropRGBImageDecoder((res, res), ratio=crop_pct)] + _tail(
-        mean, std, torch.device(device))
+    decoder = SimpleRGBImageDecoder() if exact else CenterCropRGBImageDecoder((res, res),
+                                                                              ratio=crop_pct)
+    return [decoder] + _tail(mean, std, torch.device(device))
 
 
 def label_pipeline(device) -> list:
@@ -235,9 +238,19 @@ def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch
                         distributed=world_size > 1, device=device, seed=seed,
                         in_memory=d.in_memory, repeated_aug=d.repeated_aug, rank=rank,
                         world=world_size)
-    # Evaluation: disjoint shards, no padding (FFCV's distributed mode would pad).
-    val = make_loader(val_path, val_pipeline(e.resolution or d.resolution, e.crop_pct, d.mean,
-                                             d.std, device),
+    # Evaluation: exactly the protocol from an eval-protocol file (checked against the recipe),
+    # else FFCV's centre crop (a deviation, listed). Disjoint shards, no padding (FFCV's
+    # distributed mode would pad).
+    want = protocol(e.resolution or d.resolution, e.crop_pct, e.interpolation)
+    have = eval_protocol_of(val_path)
+    if have is not None and have != want:
+        raise DataError(f"{val_path}: written for the eval protocol {_show(have)}, the recipe "
+                        f"asks for {_show(want)} (eval.resolution / eval.crop_pct / "
+                        f"eval.interpolation); write one with `repro data convert VAL_DIR DIR "
+                        f"--eval-protocol {want['resolution']},{want['crop_pct']:g},"
+                        f"{want['interpolation']}`")
+    val = make_loader(val_path, val_pipeline(want["resolution"], e.crop_pct, d.mean, d.std,
+                                             device, exact=have is not None),
                       batch_size=eval_batch_size, workers=d.workers, train=False,
                       distributed=False, device=device, seed=seed,
                       indices=list(range(rank, n_val, world_size)), in_memory=d.in_memory)
@@ -245,4 +258,8 @@ def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch
     side = read_sidecar(train_path) or {}
     num_classes = side.get("num_classes") or recipe.model.num_classes
     return Loaders(train, val, "ffcv", train_path, val_path, num_classes, n_train, n_val,
-                   exact_eval=False)
+                   exact_eval=have is not None)
+
+
+def _show(p: dict) -> str:
+    return f"{p['resolution']},{p['crop_pct']:g},{p['interpolation']}"

@@ -160,6 +160,19 @@ def train_transform(recipe):
         re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count))
 
 
+def eval_resize_crop(res: int, crop_pct: float, interpolation: str):
+    """The PIL part of timm's eval transform (resize the shorter side to floor(res / crop_pct),
+    centre-crop res): what `val_transform` applies before ToTensor and Normalize."""
+    from torchvision import transforms
+
+    full = create_transform(res, is_training=False, interpolation=interpolation,
+                            crop_pct=crop_pct)
+    pil = [t for t in full.transforms if isinstance(t, (transforms.Resize,
+                                                        transforms.CenterCrop))]
+    assert len(pil) == 2, full  # timm's "center" crop mode: Resize then CenterCrop
+    return transforms.Compose(pil)
+
+
 def val_transform(recipe):
     d, e = recipe.data, recipe.eval
     return create_transform(e.resolution or d.resolution, is_training=False,

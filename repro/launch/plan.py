@@ -52,9 +52,21 @@ def world_sizes_for(recipe: Recipe, extra: list[int] | None = None) -> list[int]
     return sorted(s for s in sizes if recipe.train.global_batch % s == 0)
 
 
+def exact_eval(recipe: Recipe) -> bool:
+    """Does the recipe's evaluation data give exactly its eval protocol? The folder loader
+    does; on FFCV, an eval-protocol file for this protocol does (repro.data.convert)."""
+    if recipe.data.format == "folder":
+        return True
+    from repro.data.convert import eval_protocol_of, protocol
+
+    e = recipe.eval
+    want = protocol(e.resolution or recipe.data.resolution, e.crop_pct, e.interpolation)
+    return bool(recipe.data.val_path) and eval_protocol_of(recipe.data.val_path) == want
+
+
 def path_lines(recipe: Recipe) -> list[str]:
     """What the recipe's data path cannot apply and applies differently (from the schema)."""
-    not_applied, deviations = path_report(recipe, exact_eval=recipe.data.format == "folder")
+    not_applied, deviations = path_report(recipe, exact_eval=exact_eval(recipe))
     return [f"not applied: {', '.join(not_applied) or 'none'}",
             f"deviations: {'; '.join(deviations) or 'none'}"]
 
