@@ -51,6 +51,27 @@ PLAIN = "torchvision train, plain"  # see build_plain_torchvision
 STOCK = "ffcv train, ffcv flip + normalize"  # see build_stock_ffcv
 SUMS = "ffcv train, consumer sums"  # see ConsumerSums
 MIN_TRAIN_RATIO = 3.0  # the project's acceptance bar: FFCV train vs ImageFolder train
+# The papers' training augmentation (issue 11): FFCV + device augmentation against the official
+# codes' pipeline, torchvision ImageFolder + timm's PIL transforms with the same policy.
+PAPER_PIPELINES = {
+    # LeViT / CvT-13 (recipes/_base/deit_aug.yaml; LeViT adds repeated augmentation)
+    "DeiT block": {"aug": {"auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4,
+                           "re_prob": 0.25, "re_mode": "pixel", "re_count": 1},
+                   "repeated_aug": True},
+    # CoAtNet (recipes/_base/coatnet.yaml)
+    "CoAtNet RandAugment": {"aug": {"auto_augment": "rand-n2-m15-mmax15"},
+                            "repeated_aug": False},
+}
+MIN_PAPER_RATIO = 2.5  # issue 11's bar for the DeiT block (aim: 3x)
+PROTOCOL_VAL = "ffcv val, eval-protocol file"
+
+
+def ffcv_paper(label: str) -> str:
+    return f"ffcv train + device aug, {label}"
+
+
+def pil_paper(label: str) -> str:
+    return f"torchvision + timm PIL, {label}"
 OTHER_LOAD_WARN_PCT = 5.0  # flag epochs during which other processes took this much CPU
 
 _sources: list[np.ndarray] = []  # the sample photographs, loaded once per generating process
@@ -205,8 +226,10 @@ def context_name(max_res: int) -> str:
 
 def ratio_pairs(context_max_res: int) -> list[tuple[str, str]]:
     """The ratios reported, as (numerator loader, denominator loader)."""
-    pairs = [("ffcv train", FOLDER), ("ffcv train", PLAIN), ("ffcv val", "folder val"),
-             (FOLDER, PLAIN), ("ffcv train", STOCK), (STOCK, PLAIN), (SUMS, PLAIN)]
+    pairs = [(ffcv_paper(label), pil_paper(label)) for label in PAPER_PIPELINES]
+    pairs += [(PROTOCOL_VAL, "folder val"), ("ffcv train", FOLDER), ("ffcv train", PLAIN),
+              ("ffcv val", "folder val"), (FOLDER, PLAIN), ("ffcv train", STOCK),
+              (STOCK, PLAIN), (SUMS, PLAIN)]
     if context_max_res:
         ctx = context_name(context_max_res)
         pairs += [(ctx, FOLDER), (ctx, PLAIN), (ctx, "ffcv train")]
@@ -218,8 +241,9 @@ def ratio(ratios: dict, top: str, bottom: str) -> float:
     return ratios[f"{top} / {bottom}"]["of_medians"]
 
 
-def load_bench_recipe(fmt: str, train_path: Path, val_path: Path, args):
-    """A minimal recipe for `fmt` reading the benchmark's files, via the real recipe loader."""
+def load_bench_recipe(fmt: str, train_path: Path, val_path: Path, args, paper: str | None = None):
+    """A minimal recipe for `fmt` reading the benchmark's files, via the real recipe loader;
+    `paper`: with that entry of PAPER_PIPELINES's augmentation."""
     import yaml
 
     from repro.recipe import load_recipe
@@ -235,22 +259,60 @@ def load_bench_recipe(fmt: str, train_path: Path, val_path: Path, args):
         "eval": {"crop_pct": 0.875, "interpolation": args.interpolation,
                  "batch_size": args.batch},
     }
+    if paper is not None:
+        tree["aug"] = PAPER_PIPELINES[paper]["aug"]
+        tree["data"]["repeated_aug"] = PAPER_PIPELINES[paper]["repeated_aug"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"bench_{fmt}.yaml"
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
         return load_recipe(path)
 
 
-def build(fmt: str, train_path: Path, val_path: Path, args) -> dict:
+def build(fmt: str, train_path: Path, val_path: Path, args, paper: str | None = None) -> dict:
     """The train and val loaders `repro.data.build_loaders` makes for format `fmt`."""
     from repro.data import build_loaders
 
-    recipe = load_bench_recipe(fmt, train_path, val_path, args)
+    recipe = load_bench_recipe(fmt, train_path, val_path, args, paper)
     loaders = build_loaders(recipe, batch_size=args.batch, eval_batch_size=args.batch)
     return {f"{fmt} train": loaders.train, f"{fmt} val": loaders.val}
 
 
-def build_plain_torchvision(folder: Path, args):
+def device_augmentation_ms(beton: Path, args, batch: int = 256, repeats: int = 7) -> dict:
+    """Milliseconds per `batch`-image batch of each paper pipeline's device augmentation alone
+    (repro.data.augment.TrainTail: policy, normalisation, erasing) on decoded, cropped, flipped
+    uint8 images from the .beton, on this machine's CPU; median of `repeats` after a warm-up."""
+    from repro.data.augment import TrainTail
+    from repro.data.ffcv import make_loader, train_pipeline
+
+    r = load_bench_recipe("ffcv", beton, beton, args).data
+    loader = make_loader(str(beton), train_pipeline(r.resolution, r.scale, r.ratio, r.hflip,
+                                                    r.mean, r.std, "cpu", uint8=True),
+                         batch_size=args.batch, workers=r.workers, train=True,
+                         distributed=False, device="cpu", seed=0)
+    images = []
+    for x, _ in loader:
+        images.append(x.clone())
+        if sum(len(i) for i in images) >= batch:
+            break
+    images = torch.cat(images)[:batch].contiguous(memory_format=torch.channels_last)
+    out = {}
+    for label, spec in PAPER_PIPELINES.items():
+        a = {"color_jitter": None, "re_prob": 0.0, "re_mode": "pixel", "re_count": 1,
+             **spec["aug"]}
+        tail = TrainTail(interpolation=r.interpolation, mean=r.mean, std=r.std, **a)
+        tail(images, 0)
+        times = []
+        for k in range(repeats):
+            t0 = time.perf_counter()
+            tail(images, k + 1)
+            times.append(1000 * (time.perf_counter() - t0))
+        out[label] = {"ms_per_batch": statistics.median(times), "min": min(times),
+                      "max": max(times), "batch": batch, "repeats": repeats,
+                      "torch_threads": torch.get_num_threads()}
+    return out
+
+
+def build_plain_torchvision(folder: Path, args, paper: str | None = None):
     """The textbook baseline: ImageFolder + DataLoader with the project's train transform.
 
     Shuffled by the DataLoader, workers persistent (as timm's `create_loader` keeps them), no
@@ -262,7 +324,7 @@ def build_plain_torchvision(folder: Path, args):
     from repro.data.folder import FolderVal, train_transform
 
     dataset = ImageFolder(str(folder), transform=train_transform(
-        load_bench_recipe("folder", folder, folder, args)))
+        load_bench_recipe("folder", folder, folder, args, paper)))
     loader = DataLoader(dataset, args.batch, shuffle=True, drop_last=True,
                         num_workers=args.workers, persistent_workers=args.workers > 0,
                         generator=torch.Generator().manual_seed(0))
@@ -420,6 +482,54 @@ def _resizing(ds: dict, max_res: int) -> str:
             "decodes fewer, different pixels than the ImageFolder loaders")
 
 
+def _papers_section(rep: dict) -> list[str]:
+    """The papers' training pipelines: FFCV + device augmentation against the official codes'
+    torchvision + timm PIL pipeline, the augmentation alone, and exact evaluation."""
+    s, m, ratios = rep["settings"], rep["machine"], rep["ratios"]
+    lines = ["## The papers' pipelines", "",
+             f"Training with the papers' augmentation, same JPEGs, {s['workers']} workers, "
+             f"batch {s['batch']}, {s['resolution']} px, {m['usable_cores']} cores. FFCV "
+             "decodes, crops and flips in its threads; the policy, normalisation and random "
+             "erasing then run as the device augmentation (`repro.data.augment.TrainTail`) "
+             "on this machine's CPU, in the consuming process, so their cost counts against "
+             "FFCV. The baseline is the official codes' pipeline: torchvision `ImageFolder` + "
+             "`DataLoader` with timm's `create_transform` and the same policy, in worker "
+             "processes. Mixup/CutMix are left out of both (a batch operation of the trainer, "
+             "the same on both paths).", ""]
+    rows = []
+    for label, spec in PAPER_PIPELINES.items():
+        r = ratios[f"{ffcv_paper(label)} / {pil_paper(label)}"]
+        bar = (f"{'meets' if r['of_medians'] >= MIN_PAPER_RATIO else 'below'} the "
+               f"{MIN_PAPER_RATIO:g}x bar" if label == "DeiT block" else "context")
+        aug = ", ".join(f"{k} {v}" for k, v in spec["aug"].items())
+        rows.append([label, aug + (", repeated aug" if spec["repeated_aug"] else ""),
+                     f"{rep['summary'][ffcv_paper(label)]['median']:.0f}",
+                     f"{rep['summary'][pil_paper(label)]['median']:.0f}",
+                     f"**{r['of_medians']:.2f}x** ({r['per_round_min']:.2f}-"
+                     f"{r['per_round_max']:.2f}x)", bar])
+    lines += _table(["pipeline", "augmentation", "FFCV + device aug img/s",
+                     "torchvision + timm PIL img/s", "ratio (per round)", "verdict"], rows)
+    dev = rep["device_augmentation"]
+    any_dev = next(iter(dev.values()))
+    lines += ["", f"The device augmentation alone, on {any_dev['batch']} decoded {s['resolution']}"
+              f" px images (median of {any_dev['repeats']} after a warm-up, "
+              f"{any_dev['torch_threads']} torch threads, this CPU; numba kernels of "
+              "`repro.data.augment_cpu`): "
+              + "; ".join(f"{label} **{d['ms_per_batch']:.0f} ms** per batch "
+                          f"({d['ms_per_batch'] / d['batch']:.2f} ms per image)"
+                          for label, d in dev.items())
+              + ". On a GPU: not measured (no GPU was available to this run).", ""]
+    pv = ratios[f"{PROTOCOL_VAL} / folder val"]
+    lines += [f"Exact evaluation: `{PROTOCOL_VAL}` (the protocol's PIL resize + centre crop "
+              "stored raw by `repro data convert --eval-protocol`, "
+              f"{rep['protocol_conversion']['beton_mb']:.0f} MB, written in "
+              f"{rep['protocol_conversion']['seconds']:.0f} s) reads "
+              f"{rep['summary'][PROTOCOL_VAL]['median']:.0f} img/s, {pv['of_medians']:.2f}x "
+              "the folder val loader (which decodes and resizes every JPEG), and gives the "
+              "model the same pixels (tests/test_data.py).", ""]
+    return lines
+
+
 def render(rep: dict) -> str:
     """The markdown report from the JSON record."""
     s, m, ds, conv = rep["settings"], rep["machine"], rep["dataset"], rep["conversion"]
@@ -433,6 +543,7 @@ def render(rep: dict) -> str:
         f"`{rep['command']}` (rewrites this file and `{Path(rep['json']).name}`; "
         f"took {rep['total_s'] / 60:.1f} min).*",
         "",
+        *_papers_section(rep),
         f"The project's bar: FFCV train >= {MIN_TRAIN_RATIO:g}x the torchvision ImageFolder "
         f"train loader, same JPEGs, same transforms, {s['workers']} workers (batch "
         f"{s['batch']}, {m['usable_cores']} cores). On the repo's default .beton (max side "
@@ -584,7 +695,23 @@ def main(argv=None) -> int:
     for res in filter(None, (args.max_res, args.context_max_res)):
         betons[res], conversion[str(res)] = convert_photos(photos, workdir, res, args)
 
-    loaders = build("ffcv", betons[args.max_res], betons[args.max_res], args)
+    from repro.data.convert import convert
+
+    protocol = workdir / f"val_{args.resolution}_0.875_{args.interpolation}_{args.images}.beton"
+    protocol.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    convert(photos, protocol, eval_protocol=(args.resolution, 0.875, args.interpolation),
+            workers=os.cpu_count(), progress=False)
+    protocol_write = {"seconds": time.perf_counter() - t0,
+                      "beton_mb": protocol.stat().st_size / 2**20}
+    main_beton = betons[args.max_res]
+    loaders = {}
+    for label in PAPER_PIPELINES:
+        loaders[ffcv_paper(label)] = build("ffcv", main_beton, main_beton, args,
+                                           label)["ffcv train"]
+        loaders[pil_paper(label)] = build_plain_torchvision(photos, args, label)
+    loaders[PROTOCOL_VAL] = build("ffcv", main_beton, protocol, args)["ffcv val"]
+    loaders |= build("ffcv", main_beton, main_beton, args)
     loaders |= build("folder", photos, photos, args)
     loaders[PLAIN] = build_plain_torchvision(photos, args)
     loaders[STOCK] = build_stock_ffcv(betons[args.max_res], args)
@@ -600,6 +727,7 @@ def main(argv=None) -> int:
     if len(layouts) != 1:
         raise SystemExit(f"the loaders' batches differ in layout: {sorted(layouts)}")
     summary, ratios = summarise(raw, ratio_pairs(args.context_max_res))
+    device_ms = device_augmentation_ms(main_beton, args)
 
     out = args.out.resolve()
     json_path = out.with_suffix(".json")
@@ -611,6 +739,7 @@ def main(argv=None) -> int:
         "machine": machine(), "versions": versions(), "dataset": dataset,
         "dataset_path": str(photos), "conversion": conversion, "torch_threads": threads,
         "summary": summary, "ratios": ratios, "other_load": other_load(raw), "raw": raw,
+        "device_augmentation": device_ms, "protocol_conversion": protocol_write,
     }
     report["total_s"] = time.perf_counter() - t_start
     atomic_write_json(json_path, report)

@@ -54,14 +54,20 @@ def timm_op(name: str, img: Image.Image, arg: float, interpolation: str) -> Imag
     return taa.NAME_TO_OP[name](img, *args, fillcolor=FILL, resample=resample)
 
 
+# "auto": the numba kernels for these CPU batches; "torch": the torch ops a GPU runs.
+BACKENDS = ["auto", "torch"] if A._kernels(torch.zeros(1, 3, 1, 1), {}) else ["torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("name", sorted(A.OPS))
-def test_each_op_equals_timm_pil_on_photos(name, interpolation):
+def test_each_op_equals_timm_pil_on_photos(name, interpolation, backend):
     imgs = photos()
     batch = as_batch(imgs)
     h, w = batch.shape[-2:]
     hp = {"translate_const": int(min(h, w) * 0.45), "translate_pct": 0.45,
-          "fill": torch.tensor(FILL, dtype=torch.uint8), "interpolation": interpolation}
+          "fill": torch.tensor(FILL, dtype=torch.uint8), "interpolation": interpolation,
+          "backend": backend}
     op = A.OPS[name]
     for level in LEVELS:
         for sign in (1.0, -1.0):
@@ -81,6 +87,13 @@ def test_each_op_equals_timm_pil_on_photos(name, interpolation):
                                          int((diff > 0).sum()))
 
 
+def test_ci_runs_both_backends():
+    import os
+
+    if os.environ.get("CI") == "true":  # numba is installed with the ffcv extra
+        assert BACKENDS == ["auto", "torch"]
+
+
 def test_posterize_zero_bits_is_black_as_before_pillow_13():
     imgs = photos(2)
     ours = A.posterize(as_batch(imgs), torch.zeros(2, dtype=torch.float64), {})
@@ -92,12 +105,16 @@ def test_posterize_zero_bits_is_black_as_before_pillow_13():
         assert np.array_equal(np.asarray(_posterize(img, 3)), np.asarray(taa.posterize(img, 3)))
 
 
-def test_ops_run_on_channels_last_and_contiguous_alike():
-    batch = as_batch(photos(3))
-    aug = A.auto_augment("rand-m9-mstd0.5-inc1", interpolation="bicubic", mean=MEAN)
-    a = aug(batch, torch.Generator().manual_seed(3))
-    b = aug(batch.contiguous(), torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == batch.shape
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "v0", "rand-n2-m15-mmax15"])
+def test_layouts_and_backends_agree(spec):
+    batch = as_batch(photos(6) * 4)
+    ref = A.auto_augment(spec, interpolation="bicubic", mean=MEAN, backend="torch")(
+        batch, torch.Generator().manual_seed(3))
+    for backend in BACKENDS:
+        aug = A.auto_augment(spec, interpolation="bicubic", mean=MEAN, backend=backend)
+        for x in (batch, batch.contiguous()):
+            out = aug(x, torch.Generator().manual_seed(3))
+            assert torch.equal(out, ref) and out.dtype == torch.uint8 and out.shape == x.shape
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,8 +167,37 @@ def _solarize_add_arg(level, sign, hp):
 # --------------------------------------------------------------------------------------------
 # The ops, on uint8 n x 3 x H x W tensors with one float64 argument per sample (shape n).
 
-def _lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+def _kernels(x: torch.Tensor, hp: dict | None):
+    """repro.data.augment_cpu for a CPU batch (one fused pass per op instead of one pass per
+    torch operation), unless hp asks for the torch ops (`backend: torch`) or numba is absent."""
+    if x.device.type != "cpu" or (hp or {}).get("backend") == "torch":
+        return None
+    try:
+        from repro.data import augment_cpu
+    except ImportError:  # numba comes with the ffcv extra
+        return None
+    return augment_cpu
+
+
+def _nhwc(x: torch.Tensor):
+    """n x 3 x H x W -> its n x H x W x 3 numpy view (a copy only if not channels_last)."""
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _kernel_out(x: torch.Tensor):
+    """A fresh channels_last n x 3 x H x W uint8 tensor and its n x H x W x 3 numpy view."""
+    n, c, h, w = x.shape
+    out = torch.empty((n, h, w, c), dtype=torch.uint8)
+    return out.permute(0, 3, 1, 2), out.numpy()
+
+
+def _lut(x: torch.Tensor, lut: torch.Tensor, hp: dict | None = None) -> torch.Tensor:
     """Apply a per-sample, per-channel 256-entry uint8 table (n x 3 x 256) to x."""
+    k = _kernels(x, hp)
+    if k is not None:
+        out, view = _kernel_out(x)
+        k.lut(_nhwc(x), lut.contiguous().numpy(), view)
+        return out
     n, c = x.shape[:2]
     offset = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1, 1)
     return lut.reshape(-1)[x.long() + offset]
@@ -203,14 +232,19 @@ def auto_contrast(x, arg, hp):
     lut = _u8(torch.trunc(ix * scale[..., None] + offset[..., None]))
     identity = ix.to(torch.uint8).expand_as(lut)
     lut = torch.where((hi <= lo)[..., None], identity, lut)
-    return _lut(x, lut)
+    return _lut(x, lut, hp)
 
 
 def equalize(x, arg, hp):
     n, c = x.shape[:2]
-    offset = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1)
-    hist = torch.bincount((x.flatten(2).long() + offset).reshape(-1),
-                          minlength=n * c * 256).view(n, c, 256)
+    k = _kernels(x, hp)
+    if k is not None:
+        hist = torch.zeros((n, c, 256), dtype=torch.int64)
+        k.histogram(_nhwc(x), hist.numpy())
+    else:
+        offset = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1)
+        hist = torch.bincount((x.flatten(2).long() + offset).reshape(-1),
+                              minlength=n * c * 256).view(n, c, 256)
     nonzero = hist > 0
     last = 255 - nonzero.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)  # last used level
     step = (hist.sum(-1, keepdim=True) - hist.gather(-1, last)) // 255
@@ -218,7 +252,7 @@ def equalize(x, arg, hp):
     lut = ((step // 2 + before) // step.clamp(min=1)).clamp(max=255).to(torch.uint8)
     keep = (nonzero.sum(-1, keepdim=True) <= 1) | (step == 0)
     identity = torch.arange(256, device=x.device, dtype=torch.uint8).expand_as(lut)
-    return _lut(x, torch.where(keep, identity, lut))
+    return _lut(x, torch.where(keep, identity, lut), hp)
 
 
 def invert(x, arg, hp):
@@ -232,32 +266,73 @@ def posterize(x, arg, hp):
     return x & mask
 
 
+def _table_op(x, hp, table_fn, direct_fn):
+    """A pointwise op: through a per-sample table (n x 3 x 256) by the CPU kernel, else
+    directly with torch operations."""
+    if _kernels(x, hp) is not None:
+        levels = torch.arange(256, dtype=torch.int16).view(1, 1, 256)
+        return _lut(x, table_fn(levels).to(torch.uint8).expand(x.shape[0], x.shape[1], 256),
+                    hp)
+    return direct_fn(x.to(torch.int16)).to(torch.uint8)
+
+
 def solarize(x, arg, hp):
-    thresh = arg.to(torch.int16).view(-1, 1, 1, 1)
-    return torch.where(x.to(torch.int16) < thresh, x, 255 - x)
+    thresh = arg.to(torch.int16).view(-1, 1, 1).to(x.device)
+
+    def fn(v):  # ImageOps.solarize's table: v if v < threshold else 255 - v
+        t = thresh.view(-1, *([1] * (v.dim() - 1)))
+        return torch.where(v < t, v, 255 - v)
+
+    return _table_op(x, hp, fn, fn)
 
 
 def solarize_add(x, arg, hp):
-    add = arg.to(torch.int16).view(-1, 1, 1, 1)
-    wide = x.to(torch.int16)
-    return torch.where(wide < 128, (wide + add).clamp(max=255), wide).to(torch.uint8)
+    add = arg.to(torch.int16).to(x.device)
+
+    def fn(v):  # timm's solarize_add table: min(255, v + add) below 128, else v
+        a = add.view(-1, *([1] * (v.dim() - 1)))
+        return torch.where(v < 128, (v + a).clamp(max=255), v)
+
+    return _table_op(x, hp, fn, fn)
 
 
 def color(x, arg, hp):
+    k = _kernels(x, hp)
+    if k is not None:
+        out, view = _kernel_out(x)
+        k.color(_nhwc(x), arg.to(torch.float32).numpy(), view)
+        return out
     grey = _luma(x).to(torch.uint8)[:, None].expand_as(x)
     return _blend(grey, x, arg)
 
 
+def _blend_level(level: torch.Tensor, x, arg, hp):
+    """Blend with a constant degenerate image per sample (uint8 level, shape n)."""
+    k = _kernels(x, hp)
+    if k is not None:
+        out, view = _kernel_out(x)
+        k.blend_const(level.to(torch.uint8).numpy(), _nhwc(x), arg.to(torch.float32).numpy(),
+                      view)
+        return out
+    return _blend(level.to(torch.uint8).view(-1, 1, 1, 1).expand_as(x), x, arg)
+
+
 def contrast(x, arg, hp):
-    luma = _luma(x).flatten(1)
+    k = _kernels(x, hp)
+    if k is not None:
+        n, _, h, w = x.shape
+        luma = torch.empty((n, h, w), dtype=torch.uint8)
+        k.luma(_nhwc(x), luma.numpy())
+        luma = luma.flatten(1)
+    else:
+        luma = _luma(x).flatten(1)
     # ImageStat's mean of the L histogram, in double, rounded as int(mean + 0.5).
-    mean = torch.floor(luma.sum(1).double() / luma.shape[1] + 0.5)
-    grey = mean.to(torch.uint8).view(-1, 1, 1, 1).expand_as(x)
-    return _blend(grey, x, arg)
+    mean = torch.floor(luma.sum(1, dtype=torch.int64).double() / luma.shape[1] + 0.5)
+    return _blend_level(mean, x, arg, hp)
 
 
 def brightness(x, arg, hp):
-    return _blend(torch.zeros_like(x), x, arg)
+    return _blend_level(torch.zeros(x.shape[0], device=x.device), x, arg, hp)
 
 
 # ImageFilter.SMOOTH, (1 1 1 / 1 5 1 / 1 1 1) / 13, divided in float32 as _imaging.c does.
@@ -287,6 +362,11 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
 def sharpness(x, arg, hp):
     if x.shape[-1] < 3 or x.shape[-2] < 3:
         return x.clone()  # PIL's filter returns a copy of images smaller than the kernel
+    k = _kernels(x, hp)
+    if k is not None:
+        out, view = _kernel_out(x)
+        k.sharpness(_nhwc(x), arg.to(torch.float32).numpy(), _K1.numpy(), _K5.numpy(), view)
+        return out
     return _blend(_smooth(x), x, arg)
 
 
@@ -368,7 +448,7 @@ def _source(k0, k1, k2, xo, yo):
 
 
 def affine(x: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor,
-           interpolation: str) -> torch.Tensor:
+           interpolation: str, backend: dict | None = None) -> torch.Tensor:
     """`Image.transform(size, AFFINE, m, resample, fillcolor=fill)` per sample.
 
     Destination pixel (i, j) samples the source at m applied to its centre (i + 0.5, j + 0.5)
@@ -380,6 +460,12 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor,
     """
     if interpolation not in _NEAR:
         raise ValueError(f"interpolation {interpolation!r}: bilinear or bicubic")
+    k = _kernels(x, backend)
+    if k is not None:
+        out, view = _kernel_out(x)
+        k.affine(_nhwc(x), matrices.to(torch.float64).contiguous().numpy(),
+                 fill.cpu().numpy(), interpolation == "bicubic", view)
+        return out
     n, c, h, w = x.shape
     dev = x.device
     m = matrices.to(dev, torch.float64).view(n, 6, 1, 1)
@@ -434,7 +520,7 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor,
 def _geometric(name: str) -> Callable:
     def op(x, arg, hp):
         h, w = x.shape[-2:]
-        return affine(x, _matrices(name, arg, w, h), hp["fill"], hp["interpolation"])
+        return affine(x, _matrices(name, arg, w, h), hp["fill"], hp["interpolation"], hp)
 
     op.__name__ = name
     return op
@@ -635,9 +721,14 @@ def fill_color(mean) -> tuple[int, ...]:
 class AutoAugment:
     """A policy applied to uint8 N x 3 x H x W batches, drawn independently per sample."""
 
-    def __init__(self, policy: Policy, *, interpolation: str, mean, translate_pct: float = 0.45):
+    def __init__(self, policy: Policy, *, interpolation: str, mean, translate_pct: float = 0.45,
+                 backend: str = "auto"):
         if interpolation not in ("bilinear", "bicubic"):
             raise ValueError(f"interpolation {interpolation!r}: bilinear or bicubic")
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend {backend!r}: auto (numba kernels for CPU batches when "
+                             "numba is installed, torch ops otherwise) or torch")
+        self.backend = backend
         self.policy = policy
         self.interpolation = interpolation
         self.fill = torch.tensor(fill_color(mean), dtype=torch.uint8)
@@ -645,7 +736,8 @@ class AutoAugment:
 
     def hparams(self, h: int, w: int, device) -> dict:
         return {"translate_const": int(min(h, w) * 0.45), "translate_pct": self.translate_pct,
-                "fill": self.fill.to(device), "interpolation": self.interpolation}
+                "fill": self.fill.to(device), "interpolation": self.interpolation,
+                "backend": self.backend}
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
@@ -674,16 +766,19 @@ class AutoAugment:
         return f"AutoAugment({self.policy.spec!r}, interpolation={self.interpolation})"
 
 
-def auto_augment(spec: str, *, interpolation: str, mean) -> AutoAugment:
+def auto_augment(spec: str, *, interpolation: str, mean, backend: str = "auto") -> AutoAugment:
     """The timm auto-augment policy `spec` as a batched, per-sample tensor transform.
 
     The returned callable maps a uint8 N x 3 x H x W tensor (any device) to one of the same
     shape; pass `generator` (a CPU torch.Generator) to make the draws reproducible.
     `interpolation` is the recipe's (timm passes the train interpolation to the geometric ops)
     and `mean` the normalisation mean in [0, 1] (the fill colour is derived from it as timm
-    does).
+    does). `backend`: "auto" runs CPU batches through the numba kernels of
+    repro.data.augment_cpu when numba is installed (same results), "torch" always uses torch
+    operations (what a GPU runs).
     """
-    return AutoAugment(parse_policy(spec), interpolation=interpolation, mean=mean)
+    return AutoAugment(parse_policy(spec), interpolation=interpolation, mean=mean,
+                       backend=backend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -729,6 +824,21 @@ class TrainTail:
         self.erasing = (re_prob, re_mode, re_count) if re_prob > 0 else None
         self._erasers: dict = {}
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """ToTensor + Normalize: x / 255, - mean, / std in float32, channels_last. On the CPU
+        by a lookup in the 256 values those same torch operations give (one pass)."""
+        dev = x.device
+        k = _kernels(x, {})
+        if k is not None:
+            levels = torch.arange(256, dtype=torch.float32).expand(1, 3, 256)
+            table = levels.div(255).sub_(self.mean.view(1, 3, 1)).div_(self.std.view(1, 3, 1))
+            n, c, h, w = x.shape
+            out = torch.empty((n, h, w, c), dtype=torch.float32)
+            k.lut_float(_nhwc(x), table[0].contiguous().numpy(), out.numpy())
+            return out.permute(0, 3, 1, 2)
+        out = x.to(torch.float32).div_(255).sub_(self.mean.to(dev)).div_(self.std.to(dev))
+        return out.contiguous(memory_format=torch.channels_last)
+
     @property
     def active(self) -> bool:
         return bool(self.policy or self.jitter or self.erasing)
@@ -749,9 +859,8 @@ class TrainTail:
             x = self.policy(x, g)
         elif self.jitter is not None:
             x = color_jitter(x, self.jitter, g)
-        dev = x.device
-        out = x.to(torch.float32).div_(255).sub_(self.mean.to(dev)).div_(self.std.to(dev))
-        out = out.contiguous(memory_format=torch.channels_last)
+        out = self.normalize(x)
+        dev = out.device
         if self.erasing is not None:
             # timm's RandomErasing draws from Python's `random` and torch's generator: both are
             # seeded for this batch and restored afterwards.
