@@ -220,12 +220,13 @@ def render_dry_run(records: list[dict]) -> str:
     """What `--cluster ... --dry-run` prints: sbatch parameters, environment, run dirs."""
     import yaml
 
-    from repro.launch.plan import derived_table
+    from repro.launch.plan import derived_table, path_lines
 
     r0 = records[0]
     s = r0["sbatch"]
     world = s["nodes"] * s["tasks_per_node"]
-    lines = ["# sbatch parameters (submitit)", yaml.safe_dump(s, sort_keys=False),
+    lines = [f"data       {r0['_recipe'].data.format}", *path_lines(r0["_recipe"]), "",
+             "# sbatch parameters (submitit)", yaml.safe_dump(s, sort_keys=False),
              f"# distributed: world size {world} = {s['nodes']} node(s) x {s['tasks_per_node']} "
              "task(s); each task takes RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR (the first "
              "node) and MASTER_PORT from submitit's TorchDistributedEnvironment",
