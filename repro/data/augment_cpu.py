@@ -227,12 +227,16 @@ def histogram(src, out):  # pragma: no cover (compiled)
 
 
 @numba.njit(cache=True, parallel=True)
-def lut_float(src, table, out):  # pragma: no cover (compiled)
-    """out[i, y, x, b] = table[b, src[i, y, x, b]] (float32): normalisation by lookup."""
+def normalize(src, table, out):  # pragma: no cover (compiled)
+    """out[..., b] = table[b, src[..., b]] for RGB pixels (float32): normalisation by lookup
+    in the 256 values per channel that the torch operations give."""
     n, h, w, c = src.shape
-    for job in numba.prange(n * h):
-        i = job // h
-        y = job % h
+    flat = src.reshape(n * h, w * c)
+    dst = out.reshape(n * h, w * c)
+    for r in numba.prange(n * h):
+        row, o = flat[r], dst[r]
         for x in range(w):
-            for b in range(c):
-                out[i, y, x, b] = table[b, src[i, y, x, b]]
+            j = 3 * x
+            o[j] = table[0, row[j]]
+            o[j + 1] = table[1, row[j + 1]]
+            o[j + 2] = table[2, row[j + 2]]
