@@ -819,16 +819,14 @@ class TrainTail:
     them), then timm's own `RandomErasing` on the normalised batch. Drawn per sample, from one
     seed per batch: a batch's augmentation is a pure function of that seed.
 
-    On the CPU (numba kernels) two choices, both measured on 256 images at 224 px (DeiT block,
-    this repo's 2-core VM): the kernels run on the calling thread alone (`cpu_threads` 1: 1.32
-    ms of CPU per image, against 2.13 ms for 2 threads, which saved 6 % of the wall time and
-    took CPU from FFCV's loader threads), and the float32 output cycles through `buffers`
-    reused batches, as FFCV's own batches do (a fresh 38 MB batch costs ~10k page faults): a
-    batch stays valid until `buffers` more are made; clone what you keep."""
+    On the CPU the numba kernels run serially on the calling thread (see repro.data.
+    augment_cpu), and the float32 output cycles through `buffers` reused batches, as FFCV's own
+    batches do (a fresh 38 MB batch costs ~10k page faults): a batch stays valid until
+    `buffers` more are made; clone what you keep."""
 
     def __init__(self, *, auto_augment: str | None, color_jitter: float | None,
                  interpolation: str, mean, std, re_prob: float, re_mode: str, re_count: int,
-                 cpu_threads: int = 1, buffers: int = 2):
+                 buffers: int = 2):
         self.policy = None
         if auto_augment:
             self.policy = AutoAugment(parse_policy(auto_augment), interpolation=interpolation,
@@ -838,7 +836,7 @@ class TrainTail:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.erasing = (re_prob, re_mode, re_count) if re_prob > 0 else None
         self._erasers: dict = {}
-        self.cpu_threads, self.buffers = cpu_threads, buffers
+        self.buffers = buffers
         self._ring: list[torch.Tensor] = []
         self._next = 0
 
@@ -881,18 +879,6 @@ class TrainTail:
         return self._erasers[key]
 
     def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        if images.device.type != "cpu" or _kernels(images, {}) is None:
-            return self._augment(images, seed)
-        import numba
-
-        threads = numba.get_num_threads()  # per calling thread: FFCV's threads keep theirs
-        numba.set_num_threads(min(self.cpu_threads, threads))
-        try:
-            return self._augment(images, seed)
-        finally:
-            numba.set_num_threads(threads)
-
-    def _augment(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         x = images
         if self.policy is not None:
