@@ -104,26 +104,9 @@ def _cubic(v1, v2, v3, v4, d):  # pragma: no cover (compiled)
 
 
 @numba.njit(cache=True)
-def blend(degenerate, src, alpha, out):  # pragma: no cover (compiled)
-    """Blend.c ImagingBlend per sample: in1 + alpha * (in2 - in1) in float32, clipped and
-    truncated; `degenerate` and `src` are N x H x W x 3 (degenerate may broadcast: see
-    `blend_const`)."""
-    n, h, w, c = src.shape
-    for job in range(n * h):
-        i = job // h
-        y = job % h
-        a = alpha[i]
-        for x in range(w):
-            for b in range(c):
-                d = np.float32(degenerate[i, y, x, b])
-                t = d + a * (np.float32(src[i, y, x, b]) - d)
-                out[i, y, x, b] = _clip8(t)
-
-
-@numba.njit(cache=True)
 def blend_const(level, src, alpha, out):  # pragma: no cover (compiled)
-    """ImagingBlend with a constant degenerate image per sample (contrast's grey, brightness's
-    black)."""
+    """Blend.c ImagingBlend with a constant degenerate image per sample (contrast's grey,
+    brightness's black): in1 + alpha * (in2 - in1) in float32, clipped and truncated."""
     n, h, w, c = src.shape
     flat_src = src.reshape(n, h, w * c)
     flat_out = out.reshape(n, h, w * c)
