@@ -194,6 +194,7 @@ class FFCVTrain:
     one seed per (seed, epoch, rank, batch)); FFCV's random crops and flips are drawn in numba
     threads that no seed reaches, so a resumed FFCV run repeats the order and the device
     augmentation, not the crops (the ImageFolder loader is the bitwise-reproducible one).
+    Batches reuse buffers, FFCV's and the device augmentation's alike: clone what you keep.
     """
 
     def __init__(self, loader, augment=None, seed: int = 0, rank: int = 0):
