@@ -43,12 +43,12 @@ POLICIES = ["rand-m9-mstd0.5-inc1", "rand-n2-m15-mmax15", "v0", "original-mstd0.
 def op_table() -> list[dict]:
     from test_augment import FILL, LEVELS, as_batch, photos, timm_op
 
-    from repro.data import augment as A
+    from repro.data import augment_ops as O
 
-    backends = ["auto", "torch"] if A._kernels(torch.zeros(1, 3, 1, 1), {}) else ["torch"]
+    backends = ["auto", "torch"] if O.cpu_kernels(torch.zeros(1, 3, 1, 1), {}) else ["torch"]
     sets = [photos(8, size=(224, 168)), photos(8, size=(97, 131))]
     rows = []
-    for name, op in sorted(A.OPS.items()):
+    for name, op in sorted(O.OPS.items()):
         for interp in ("bilinear", "bicubic"):
             for backend in backends:
                 worst, differ, total = 0, 0, 0

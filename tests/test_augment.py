@@ -15,6 +15,7 @@ from scipy import stats
 from timm.data import auto_augment as taa
 
 from repro.data import augment as A
+from repro.data import augment_ops as O
 from repro.data.folder import _posterize, train_transform
 from repro.recipe import RecipeError, load_recipe
 
@@ -46,7 +47,7 @@ def as_batch(images) -> torch.Tensor:
 def timm_op(name: str, img: Image.Image, arg: float, interpolation: str) -> Image.Image:
     """timm's own op function with the arguments its AugmentOp passes (Pillow 13: posterize to
     0 bits raises; the reference for it is a black image, see test_posterize_zero_bits)."""
-    op = A.OPS[name]
+    op = O.OPS[name]
     args = ()
     if op.level_fn is not None:
         args = (int(arg),) if name.startswith(("Posterize", "Solarize")) else (arg,)
@@ -55,12 +56,12 @@ def timm_op(name: str, img: Image.Image, arg: float, interpolation: str) -> Imag
 
 
 # "auto": the numba kernels for these CPU batches; "torch": the torch ops a GPU runs.
-BACKENDS = ["auto", "torch"] if A._kernels(torch.zeros(1, 3, 1, 1), {}) else ["torch"]
+BACKENDS = ["auto", "torch"] if O.cpu_kernels(torch.zeros(1, 3, 1, 1), {}) else ["torch"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-@pytest.mark.parametrize("name", sorted(A.OPS))
+@pytest.mark.parametrize("name", sorted(O.OPS))
 def test_each_op_equals_timm_pil_on_photos(name, interpolation, backend):
     imgs = photos()
     batch = as_batch(imgs)
@@ -68,7 +69,7 @@ def test_each_op_equals_timm_pil_on_photos(name, interpolation, backend):
     hp = {"translate_const": int(min(h, w) * 0.45), "translate_pct": 0.45,
           "fill": torch.tensor(FILL, dtype=torch.uint8), "interpolation": interpolation,
           "backend": backend}
-    op = A.OPS[name]
+    op = O.OPS[name]
     for level in LEVELS:
         for sign in (1.0, -1.0):
             n = len(imgs)
@@ -96,7 +97,7 @@ def test_ci_runs_both_backends():
 
 def test_posterize_zero_bits_is_black_as_before_pillow_13():
     imgs = photos(2)
-    ours = A.posterize(as_batch(imgs), torch.zeros(2, dtype=torch.float64), {})
+    ours = O.posterize(as_batch(imgs), torch.zeros(2, dtype=torch.float64), {})
     assert int(ours.max()) == 0
     for img in imgs:
         with pytest.raises(ValueError):  # the Pillow 13 behaviour the folder path repairs
@@ -192,7 +193,7 @@ def test_policy_draws_match_timm_in_distribution(spec):
                        [sum(t_applied.values()), sum(t_chosen.values())]])
     pooled[:, 1] -= pooled[:, 0]
     assert stats.chi2_contingency(pooled).pvalue > 1e-3, (spec, pooled)
-    signed = [n for n in names if n in A.SIGNED]
+    signed = [n for n in names if n in O.SIGNED]
     if signed:
         signs = np.array([[sum(v < 0 for n in signed for v in args.get(n, [])),
                            sum(v > 0 for n in signed for v in args.get(n, []))]
