@@ -284,6 +284,20 @@ def test_train_tail_normalises_as_torchvision_and_erases_at_its_rate():
     assert not torch.equal(erasing(many, 7), erasing(many, 8))
 
 
+def test_a_batch_split_between_threads_is_augmented_as_in_one_part():
+    batch = as_batch(photos(6) * 6)
+    tails = [A.TrainTail(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=None,
+                         interpolation="bicubic", mean=MEAN, std=STD, re_prob=0.25,
+                         re_mode="pixel", re_count=1, cpu_workers=w) for w in (1, 3)]
+    one, three = (t(batch, 11).clone() for t in tails)
+    assert torch.equal(one, three)
+    torch_tail = A.TrainTail(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=None,
+                             interpolation="bicubic", mean=MEAN, std=STD, re_prob=0.25,
+                             re_mode="pixel", re_count=1, cpu_workers=1)
+    torch_tail.policy.backend = "torch"  # what a GPU runs
+    assert torch.equal(torch_tail(batch, 11), one)
+
+
 def test_colour_jitter_is_inert_under_a_policy_and_timm_like_without():
     tail = A.TrainTail(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4,
                        interpolation="bicubic", mean=MEAN, std=STD, re_prob=0.0,

@@ -132,6 +132,11 @@ class Layer:
     magnitude: torch.Tensor  # float64, n (after noise and clipping)
     arg: torch.Tensor  # float64, n (the level function's output; 0 for argument-free ops)
 
+    def __getitem__(self, part: slice) -> Layer:
+        """These samples' draws."""
+        return Layer(self.names, self.op[part], self.applied[part], self.magnitude[part],
+                     self.arg[part])
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -370,14 +375,16 @@ class TrainTail:
     them), then timm's own `RandomErasing` on the normalised batch. Drawn per sample, from one
     seed per batch: a batch's augmentation is a pure function of that seed.
 
-    On the CPU the numba kernels run serially on the calling thread (see repro.data.
-    augment_cpu), and the float32 output cycles through `buffers` reused batches, as FFCV's own
-    batches do (a fresh 38 MB batch costs ~10k page faults): a batch stays valid until
-    `buffers` more are made; clone what you keep."""
+    On the CPU (numba kernels, repro.data.augment_cpu) the batch is drawn once, then split
+    between the calling thread and `cpu_workers - 1` helper threads, the kernels releasing the
+    GIL: a consumer thread alone cannot keep up with FFCV's loader threads (measured: 96 % of
+    the epoch spent in the augmentation on one thread). The float32 output cycles through
+    `buffers` reused batches, as FFCV's own batches do (a fresh 38 MB batch costs ~10k page
+    faults): a batch stays valid until `buffers` more are made; clone what you keep."""
 
     def __init__(self, *, auto_augment: str | None, color_jitter: float | None,
                  interpolation: str, mean, std, re_prob: float, re_mode: str, re_count: int,
-                 buffers: int = 2):
+                 buffers: int = 2, cpu_workers: int | None = None):
         self.policy = None
         if auto_augment:
             self.policy = AutoAugment(parse_policy(auto_augment), interpolation=interpolation,
@@ -388,6 +395,12 @@ class TrainTail:
         self.erasing = (re_prob, re_mode, re_count) if re_prob > 0 else None
         self._erasers: dict = {}
         self.buffers = buffers
+        if cpu_workers is None:  # the cores this process may use, up to 8
+            import os
+
+            cpu_workers = min(8, len(os.sched_getaffinity(0)))
+        self.cpu_workers = cpu_workers
+        self._pool = None
         self._ring: list[torch.Tensor] = []
         self._next = 0
 
@@ -401,20 +414,47 @@ class TrainTail:
         self._next += 1
         return out
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """ToTensor + Normalize: x / 255, - mean, / std in float32, channels_last. On the CPU
-        by a lookup in the 256 values those same torch operations give (one pass)."""
+        by a lookup in the 256 values those same torch operations give (one pass), into `out`
+        (N x H x W x 3) when given."""
         dev = x.device
         k = cpu_kernels(x, {})
         if k is not None:
             levels = torch.arange(256, dtype=torch.float32).expand(1, 3, 256)
             table = levels.div(255).sub_(self.mean.view(1, 3, 1)).div_(self.std.view(1, 3, 1))
             n, c, h, w = x.shape
-            out = self._output((n, h, w, c))
+            out = self._output((n, h, w, c)) if out is None else out
             k.normalize(nhwc(x), table[0].contiguous().numpy(), out.numpy())
             return out.permute(0, 3, 1, 2)
         out = x.to(torch.float32).div_(255).sub_(self.mean.to(dev)).div_(self.std.to(dev))
         return out.contiguous(memory_format=torch.channels_last)
+
+    def _split_cpu(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Policy and normalisation for a CPU batch, drawn once and applied in parts on
+        `cpu_workers` threads (the same result as in one part: every op is per sample)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        n, c, h, w = images.shape
+        policy = self.policy
+        hp = policy.hparams(h, w, images.device)
+        layers = policy.policy.draw(n, g, hp)
+        out = self._output((n, h, w, c))
+        bounds = [n * i // self.cpu_workers for i in range(self.cpu_workers + 1)]
+
+        def part(i):
+            s = slice(bounds[i], bounds[i + 1])
+            x = policy.apply(images[s], [layer[s] for layer in layers], hp)
+            self.normalize(x, out[s])
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cpu_workers - 1,
+                                            thread_name_prefix="repro-augment")
+        helpers = [self._pool.submit(part, i) for i in range(1, self.cpu_workers)]
+        part(0)
+        for f in helpers:
+            f.result()
+        return out.permute(0, 3, 1, 2)
 
     @property
     def active(self) -> bool:
@@ -432,11 +472,17 @@ class TrainTail:
     def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         x = images
-        if self.policy is not None:
-            x = self.policy(x, g)
-        elif self.jitter is not None:
-            x = color_jitter(x, self.jitter, g)
-        out = self.normalize(x)
+        split = (self.policy is not None and self.cpu_workers > 1
+                 and images.shape[0] >= 2 * self.cpu_workers
+                 and cpu_kernels(images, {"backend": self.policy.backend}) is not None)
+        if split:
+            out = self._split_cpu(images, g)
+        else:
+            if self.policy is not None:
+                x = self.policy(x, g)
+            elif self.jitter is not None:
+                x = color_jitter(x, self.jitter, g)
+            out = self.normalize(x)
         dev = out.device
         if self.erasing is not None:
             # timm's RandomErasing draws from Python's `random` and torch's generator: both are

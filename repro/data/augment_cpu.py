@@ -8,8 +8,9 @@ tested against PIL exactly as the torch ops are. numba comes with FFCV (the `ffc
 it the torch ops run on the CPU too.
 
 Images are uint8 N x H x W x 3 (the channels_last memory of N x 3 x H x W tensors). The kernels
-are serial: they run on the consuming thread while FFCV's loader threads decode (measured on the
-DeiT block: 2 threads cut the wall time by 6 % and added 60 % CPU time, taken from the loader).
+are serial and release the GIL: repro.data.augment.TrainTail splits a batch between threads
+itself (numba's own parallel loops cost 60 % more CPU for 6 % less wall time, measured on the
+DeiT block, CPU taken from FFCV's loader threads).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def affine(src, matrices, fill, bicubic, out):  # pragma: no cover (compiled)
     """Geometry.c ImagingGenericTransform with affine_transform and bilinear_filter32RGB /
     bicubic_filter32RGB, per sample, for RGB; `out` starts as anything (every pixel is
@@ -87,14 +88,14 @@ def affine(src, matrices, fill, bicubic, out):  # pragma: no cover (compiled)
                     o[j + b] = _clip8(_cubic(v1, v2, v3, v4, dy))
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always")
 def _cubic_row(row, k0, k1, k2, k3, dx):  # pragma: no cover (compiled)
     if dx == 0.0:  # shears and translations in y: the cubic at 0 is its second value
         return float(row[k1])
     return _cubic(float(row[k0]), float(row[k1]), float(row[k2]), float(row[k3]), dx)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always")
 def _cubic(v1, v2, v3, v4, d):  # pragma: no cover (compiled)
     p1 = v2
     p2 = -v1 + v3
@@ -103,7 +104,7 @@ def _cubic(v1, v2, v3, v4, d):  # pragma: no cover (compiled)
     return p1 + d * (p2 + d * (p3 + d * p4))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def blend_const(level, src, alpha, out):  # pragma: no cover (compiled)
     """Blend.c ImagingBlend with a constant degenerate image per sample (contrast's grey,
     brightness's black): in1 + alpha * (in2 - in1) in float32, clipped and truncated."""
@@ -120,13 +121,13 @@ def blend_const(level, src, alpha, out):  # pragma: no cover (compiled)
             dst[j] = _clip8(d + a * (np.float32(row[j]) - d))
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always")
 def _clip8(t):  # pragma: no cover (compiled)
     """PIL's clip to [0, 255] and C's truncating (UINT8) cast, branch-free."""
     return np.uint8(min(max(t, 0.0), 255.0))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def luma(src, out):  # pragma: no cover (compiled)
     """Convert.c rgb2l: (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16, N x H x W."""
     n, h, w, _ = src.shape
@@ -139,7 +140,7 @@ def luma(src, out):  # pragma: no cover (compiled)
             out[i, y, x] = np.uint8(v >> 16)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def color(src, alpha, out):  # pragma: no cover (compiled)
     """ImageEnhance.Color: blend of the L-converted image (replicated) and the image."""
     n, h, w, c = src.shape
@@ -156,7 +157,7 @@ def color(src, alpha, out):  # pragma: no cover (compiled)
                 out[i, y, x, b] = _clip8(t)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def sharpness(src, alpha, k1, k5, out):  # pragma: no cover (compiled)
     """ImageEnhance.Sharpness: blend of ImageFilter.SMOOTH (Filter.c ImagingFilter3x3, float32,
     rows below / centre / above summed onto 0.5, truncated; the border copied) and the image
@@ -188,7 +189,7 @@ def sharpness(src, alpha, k1, k5, out):  # pragma: no cover (compiled)
             row[j] = _clip8(d + a * (np.float32(mid[j]) - d))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def lut(src, table, out):  # pragma: no cover (compiled)
     """out[i, y, x, b] = table[i, b, src[i, y, x, b]]."""
     n, h, w, c = src.shape
@@ -200,7 +201,7 @@ def lut(src, table, out):  # pragma: no cover (compiled)
                 out[i, y, x, b] = table[i, b, src[i, y, x, b]]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def histogram(src, out):  # pragma: no cover (compiled)
     """Per sample and channel, the 256-bin histogram (int64, N x 3 x 256)."""
     n, h, w, c = src.shape
@@ -211,7 +212,7 @@ def histogram(src, out):  # pragma: no cover (compiled)
                     out[i, b, src[i, y, x, b]] += 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def normalize(src, table, out):  # pragma: no cover (compiled)
     """out[..., b] = table[b, src[..., b]] for RGB pixels (float32): normalisation by lookup
     in the 256 values per channel that the torch operations give."""
