@@ -84,49 +84,19 @@ def op_table() -> list[dict]:
 
 
 def distribution_tests(draws: int = 60_000) -> list[dict]:
-    from collections import Counter
-
-    from scipy import stats
-    from test_augment import timm_draws
-
-    from repro.data import augment as A
+    """The smallest p-value of each family of tests/test_augment.distribution_tests."""
+    from test_augment import distribution_tests as tests
 
     out = []
     for spec in POLICIES:
-        calls, t_applied, t_args = timm_draws(spec, draws)
-        policy = A.parse_policy(spec)
-        layers = policy.draw(draws, torch.Generator().manual_seed(0), {"translate_const": 100})
-        names = policy.names
-        p_choice, p_apply, p_args = [], [], []
-        for j, layer in enumerate(layers):
-            ours = Counter(names[k] for k in layer.op.tolist())
-            theirs = Counter(c[j] for c in calls)
-            keys = sorted(set(ours) | set(theirs))
-            table = np.array([[ours[k] for k in keys], [theirs[k] for k in keys]])
-            p_choice.append(stats.chi2_contingency(table).pvalue)
-        o_applied, o_args = Counter(), {}
-        for layer in layers:
-            for k, a, v in zip(layer.op.tolist(), layer.applied.tolist(), layer.arg.tolist(),
-                               strict=True):
-                if a:
-                    o_applied[names[k]] += 1
-                    o_args.setdefault(names[k], []).append(v)
-        o_chosen = Counter(names[k] for layer in layers for k in layer.op.tolist())
-        t_chosen = Counter(n for c in calls for n in c)
-        for name in names:
-            table = np.array([[o_applied[name], o_chosen[name] - o_applied[name]],
-                              [t_applied[name], t_chosen[name] - t_applied[name]]])
-            if table.sum(axis=0).min() > 0:
-                p_apply.append(stats.chi2_contingency(table).pvalue)
-            ours, theirs = o_args.get(name, []), t_args.get(name, [])
-            if ours and theirs and len(set(ours) | set(theirs)) > 1:
-                p_args.append(stats.ks_2samp(ours, theirs).pvalue)
+        r = tests(spec, draws)
         out.append({"policy": spec, "draws": draws,
-                    "applied_ours_pct": 100 * sum(o_applied.values()) / sum(o_chosen.values()),
-                    "applied_timm_pct": 100 * sum(t_applied.values()) / sum(t_chosen.values()),
-                    "min_p_choice": min(p_choice), "min_p_applied": min(p_apply),
-                    "min_p_argument": min(p_args) if p_args else None,
-                    "tests": len(p_choice) + len(p_apply) + len(p_args)})
+                    "applied_ours_pct": r["applied_pct"][0],
+                    "applied_timm_pct": r["applied_pct"][1],
+                    "min_p_choice": min(p for _, p in r["choice"]),
+                    "min_p_applied": min(p for _, p in r["applied"]),
+                    "min_p_argument": min((p for _, p in r["argument"]), default=None),
+                    "tests": sum(len(r[k]) for k in ("choice", "applied", "argument"))})
     return out
 
 

@@ -164,21 +164,22 @@ def timm_draws(spec: str, n: int) -> tuple[list[list[str]], Counter, dict]:
     return calls, applied, args
 
 
-@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-n2-m15-mmax15", "v0",
-                                  "rand-n3-m7-mstd100-p0.7", "original-mstd0.5"])
-def test_policy_draws_match_timm_in_distribution(spec):
-    """Chi-square tests (op choice per layer; application per op) and two-sample
-    Kolmogorov-Smirnov tests (each op's argument), each at p > 1e-3 with fixed seeds."""
-    calls, t_applied, t_args = timm_draws(spec, DRAWS)
+def distribution_tests(spec: str, draws: int) -> dict:
+    """Our draws of `spec` against timm's, as p-values: chi-square on the op chosen at each
+    layer, on each op's application, on application pooled over ops and on the sign of the
+    signed ops' arguments; two-sample Kolmogorov-Smirnov on each op's argument. Each p-value
+    comes with a label naming what it tests (benchmarks/augment_parity.py reports them)."""
+    calls, t_applied, t_args = timm_draws(spec, draws)
     policy = A.parse_policy(spec)
-    layers = policy.draw(DRAWS, torch.Generator().manual_seed(0), {"translate_const": 100})
+    layers = policy.draw(draws, torch.Generator().manual_seed(0), {"translate_const": 100})
     names = policy.names
+    out = {"choice": [], "applied": [], "argument": []}
     for j, layer in enumerate(layers):
         ours = Counter(names[k] for k in layer.op.tolist())
         theirs = Counter(c[j] for c in calls)
         keys = sorted(set(ours) | set(theirs))
         table = np.array([[ours[k] for k in keys], [theirs[k] for k in keys]])
-        assert stats.chi2_contingency(table).pvalue > 1e-3, (spec, j, table)
+        out["choice"].append((f"layer {j}", stats.chi2_contingency(table).pvalue))
     o_applied, o_args = Counter(), {}
     for layer in layers:
         for k, a, v in zip(layer.op.tolist(), layer.applied.tolist(), layer.arg.tolist(),
@@ -188,25 +189,36 @@ def test_policy_draws_match_timm_in_distribution(spec):
                 o_args.setdefault(names[k], []).append(v)
     o_chosen = Counter(names[k] for layer in layers for k in layer.op.tolist())
     t_chosen = Counter(n for c in calls for n in c)
-    # Pooled over ops: the application rate, and the sign of the signed ops' arguments.
     pooled = np.array([[sum(o_applied.values()), sum(o_chosen.values())],
                        [sum(t_applied.values()), sum(t_chosen.values())]])
+    out["applied_pct"] = (100 * pooled[0, 0] / pooled[0, 1], 100 * pooled[1, 0] / pooled[1, 1])
     pooled[:, 1] -= pooled[:, 0]
-    assert stats.chi2_contingency(pooled).pvalue > 1e-3, (spec, pooled)
+    out["applied"].append(("pooled", stats.chi2_contingency(pooled).pvalue))
     signed = [n for n in names if n in O.SIGNED]
     if signed:
         signs = np.array([[sum(v < 0 for n in signed for v in args.get(n, [])),
                            sum(v > 0 for n in signed for v in args.get(n, []))]
                           for args in (o_args, t_args)])
-        assert stats.chi2_contingency(signs).pvalue > 1e-3, (spec, signs)
+        out["argument"].append(("sign", stats.chi2_contingency(signs).pvalue))
     for name in names:
         table = np.array([[o_applied[name], o_chosen[name] - o_applied[name]],
                           [t_applied[name], t_chosen[name] - t_applied[name]]])
         if table.sum(axis=0).min() > 0:
-            assert stats.chi2_contingency(table).pvalue > 1e-3, (spec, name, table)
+            out["applied"].append((name, stats.chi2_contingency(table).pvalue))
         ours, theirs = o_args.get(name, []), t_args.get(name, [])
         if len(set(ours) | set(theirs)) > 1 and ours and theirs:
-            assert stats.ks_2samp(ours, theirs).pvalue > 1e-3, (spec, name)
+            out["argument"].append((name, stats.ks_2samp(ours, theirs).pvalue))
+    return out
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-n2-m15-mmax15", "v0",
+                                  "rand-n3-m7-mstd100-p0.7", "original-mstd0.5"])
+def test_policy_draws_match_timm_in_distribution(spec):
+    """Every test of `distribution_tests` at p > 1e-3, with fixed seeds."""
+    result = distribution_tests(spec, DRAWS)
+    for family in ("choice", "applied", "argument"):
+        for label, p in result[family]:
+            assert p > 1e-3, (spec, family, label, p)
 
 
 def test_policy_strings_parse_as_timm_reads_them():
