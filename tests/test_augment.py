@@ -118,6 +118,54 @@ def test_layouts_and_backends_agree(spec):
             assert torch.equal(out, ref) and out.dtype == torch.uint8 and out.shape == x.shape
 
 
+# The kernels index without bounds checks; this runs them with numba's checks on (a fresh
+# compile in a subprocess) on the shapes most likely to step outside an image: single pixels,
+# one row or column, the identity map, and everything against the torch ops a GPU runs.
+EDGE_SHAPES = """
+import torch
+from repro.data import augment as A
+from repro.data import augment_ops as O
+g = torch.Generator().manual_seed(0)
+for h, w in [(1, 1), (1, 5), (4, 1), (2, 3), (3, 2), (9, 7)]:
+    x = torch.randint(0, 256, (4, 3, h, w), generator=g, dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    for interpolation in ("bilinear", "bicubic"):
+        hp = {"translate_const": 3, "translate_pct": 0.45, "interpolation": interpolation,
+              "fill": torch.tensor([124, 116, 104], dtype=torch.uint8), "backend": "auto"}
+        for name, op in O.OPS.items():
+            for level in (0.0, 3.3, 10.0):
+                for sign in (1.0, -1.0):
+                    arg = torch.zeros(4, dtype=torch.float64)
+                    if op.level_fn is not None:
+                        arg = op.level_fn(torch.full((4,), level, dtype=torch.float64),
+                                          torch.full((4,), sign, dtype=torch.float64), hp)
+                    ref = op.torch_fn(x, arg, hp)
+                    got = op.fn(x, arg, hp)
+                    assert torch.equal(got, ref), (name, h, w, interpolation, level, sign)
+        for spec in ("rand-m9-mstd0.5-inc1", "v0", "rand-n3-m15-mmax15-p1"):
+            tails = [A.TrainTail(auto_augment=spec, color_jitter=None,
+                                 interpolation=interpolation, mean=(0.485, 0.456, 0.406),
+                                 std=(0.229, 0.224, 0.225), re_prob=0.0, re_mode="pixel",
+                                 re_count=1, cpu_workers=2) for _ in range(2)]
+            tails[1].policy.backend = "torch"
+            many = x.repeat(4, 1, 1, 1)
+            assert torch.equal(tails[0](many, 5), tails[1](many, 5)), (spec, h, w)
+print("ok")
+"""
+
+
+@pytest.mark.skipif("auto" not in BACKENDS, reason="numba (the ffcv extra) is not installed")
+def test_kernels_stay_in_bounds_and_exact_on_edge_shapes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", EDGE_SHAPES], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------------------
 # Policies in distribution: ours against timm's own transforms, 60,000 draws each.
 

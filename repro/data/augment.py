@@ -42,15 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from repro.data.augment_ops import (
-    LEVEL_DENOM,
-    OPS,
-    brightness,
-    color,
-    contrast,
-    cpu_kernels,
-    nhwc,
-)
+from repro.data.augment_ops import LEVEL_DENOM, OPS, cpu_kernels, cpu_run
 
 __all__ = ["auto_augment", "Policy", "Layer", "parse_policy", "OPS", "fill_color"]
 
@@ -306,10 +298,14 @@ class AutoAugment:
         return self.apply(images, layers, hp)
 
     def apply(self, images: torch.Tensor, layers: list[Layer], hp: dict) -> torch.Tensor:
-        """Apply drawn layers in order; each op runs once per layer on the samples it hit.
+        """Apply drawn layers in order.
 
-        The batch is held as N x H x W x 3 (channels_last memory), so that taking the samples
-        an op hits and putting them back are whole-image copies."""
+        A CPU batch goes through the kernels of repro.data.augment_cpu image by image, all its
+        ops in one call (augment_ops.cpu_run). Otherwise each op runs once per layer, as torch
+        operations, on the samples it hit; the batch is held as N x H x W x 3 (channels_last
+        memory), so that taking those samples and putting them back are whole-image copies."""
+        if cpu_kernels(images, hp) is not None:
+            return cpu_run(images, steps(layers), hp)
         x = images.permute(0, 2, 3, 1).contiguous().clone()  # our own copy, channels last
         n, h, w, c = x.shape
         rows = x.view(n, h * w * c)  # index_select over whole rows is a memcpy per image
@@ -327,6 +323,11 @@ class AutoAugment:
 
     def __repr__(self) -> str:
         return f"AutoAugment({self.policy.spec!r}, interpolation={self.interpolation})"
+
+
+def steps(layers: list[Layer]) -> list[tuple]:
+    """Drawn layers as augment_ops.cpu_run takes them."""
+    return [(x.names, x.op, x.applied, x.arg) for x in layers]
 
 
 def auto_augment(spec: str, *, interpolation: str, mean, backend: str = "auto") -> AutoAugment:
@@ -357,7 +358,8 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | 
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
     order = torch.rand((n, 4), generator=generator).argsort(dim=1)  # randperm(4) per sample
     factors = lo + (hi - lo) * torch.rand((n, 3), generator=generator, dtype=torch.float64)
-    fns = (brightness, contrast, color)  # torchvision's fn_idx 0, 1, 2 (3, hue, is off)
+    # torchvision's fn_idx 0, 1, 2 (3, hue, is off)
+    fns = (OPS["Brightness"].fn, OPS["Contrast"].fn, OPS["Color"].fn)
     x = x.clone()
     for k in range(4):
         for f, fn in enumerate(fns):
@@ -414,25 +416,26 @@ class TrainTail:
         self._next += 1
         return out
 
-    def normalize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """ToTensor + Normalize: x / 255, - mean, / std in float32, channels_last. On the CPU
-        by a lookup in the 256 values those same torch operations give (one pass), into `out`
-        (N x H x W x 3) when given."""
-        dev = x.device
-        k = cpu_kernels(x, {})
-        if k is not None:
-            levels = torch.arange(256, dtype=torch.float32).expand(1, 3, 256)
-            table = levels.div(255).sub_(self.mean.view(1, 3, 1)).div_(self.std.view(1, 3, 1))
+    def _table(self) -> torch.Tensor:
+        """The 3 x 256 float32 values of each uint8 level after ToTensor + Normalize, computed
+        by the same torch operations as the batch would be."""
+        levels = torch.arange(256, dtype=torch.float32).expand(1, 3, 256)
+        return levels.div(255).sub_(self.mean.view(1, 3, 1)).div_(self.std.view(1, 3, 1))[0]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """ToTensor + Normalize: x / 255, - mean, / std in float32, channels_last; on the CPU
+        by a lookup in the 256 values those same torch operations give (one pass)."""
+        if cpu_kernels(x, {}) is not None:
             n, c, h, w = x.shape
-            out = self._output((n, h, w, c)) if out is None else out
-            k.normalize(nhwc(x), table[0].contiguous().numpy(), out.numpy())
-            return out.permute(0, 3, 1, 2)
+            return cpu_run(x, [], {}, self._table(), self._output((n, h, w, c)))
+        dev = x.device
         out = x.to(torch.float32).div_(255).sub_(self.mean.to(dev)).div_(self.std.to(dev))
         return out.contiguous(memory_format=torch.channels_last)
 
-    def _split_cpu(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Policy and normalisation for a CPU batch, drawn once and applied in parts on
-        `cpu_workers` threads (the same result as in one part: every op is per sample)."""
+    def _cpu(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Policy and normalisation for a CPU batch in the kernels of repro.data.augment_cpu:
+        drawn once, applied in parts on `cpu_workers` threads (the same result as in one part:
+        every op is per sample)."""
         from concurrent.futures import ThreadPoolExecutor
 
         n, c, h, w = images.shape
@@ -440,17 +443,18 @@ class TrainTail:
         hp = policy.hparams(h, w, images.device)
         layers = policy.policy.draw(n, g, hp)
         out = self._output((n, h, w, c))
-        bounds = [n * i // self.cpu_workers for i in range(self.cpu_workers + 1)]
+        table = self._table()
+        workers = self.cpu_workers if n >= 2 * self.cpu_workers else 1
+        bounds = [n * i // workers for i in range(workers + 1)]
 
         def part(i):
             s = slice(bounds[i], bounds[i + 1])
-            x = policy.apply(images[s], [layer[s] for layer in layers], hp)
-            self.normalize(x, out[s])
+            cpu_run(images[s], steps([layer[s] for layer in layers]), hp, table, out[s])
 
-        if self._pool is None:
+        if workers > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.cpu_workers - 1,
                                             thread_name_prefix="repro-augment")
-        helpers = [self._pool.submit(part, i) for i in range(1, self.cpu_workers)]
+        helpers = [self._pool.submit(part, i) for i in range(1, workers)]
         part(0)
         for f in helpers:
             f.result()
@@ -472,11 +476,9 @@ class TrainTail:
     def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         x = images
-        split = (self.policy is not None and self.cpu_workers > 1
-                 and images.shape[0] >= 2 * self.cpu_workers
-                 and cpu_kernels(images, {"backend": self.policy.backend}) is not None)
-        if split:
-            out = self._split_cpu(images, g)
+        if (self.policy is not None
+                and cpu_kernels(images, {"backend": self.policy.backend}) is not None):
+            out = self._cpu(images, g)
         else:
             if self.policy is not None:
                 x = self.policy(x, g)

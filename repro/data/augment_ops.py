@@ -90,20 +90,8 @@ def nhwc(x: torch.Tensor):
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _kernel_out(x: torch.Tensor):
-    """A fresh channels_last n x 3 x H x W uint8 tensor and its n x H x W x 3 numpy view."""
-    n, c, h, w = x.shape
-    out = torch.empty((n, h, w, c), dtype=torch.uint8)
-    return out.permute(0, 3, 1, 2), out.numpy()
-
-
-def _lut(x: torch.Tensor, lut: torch.Tensor, hp: dict | None = None) -> torch.Tensor:
+def _lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Apply a per-sample, per-channel 256-entry uint8 table (n x 3 x 256) to x."""
-    k = cpu_kernels(x, hp)
-    if k is not None:
-        out, view = _kernel_out(x)
-        k.lut(nhwc(x), lut.contiguous().numpy(), view)
-        return out
     n, c = x.shape[:2]
     offset = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1, 1)
     return lut.reshape(-1)[x.long() + offset]
@@ -138,19 +126,14 @@ def auto_contrast(x, arg, hp):
     lut = _u8(torch.trunc(ix * scale[..., None] + offset[..., None]))
     identity = ix.to(torch.uint8).expand_as(lut)
     lut = torch.where((hi <= lo)[..., None], identity, lut)
-    return _lut(x, lut, hp)
+    return _lut(x, lut)
 
 
 def equalize(x, arg, hp):
     n, c = x.shape[:2]
-    k = cpu_kernels(x, hp)
-    if k is not None:
-        hist = torch.zeros((n, c, 256), dtype=torch.int64)
-        k.histogram(nhwc(x), hist.numpy())
-    else:
-        offset = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1)
-        hist = torch.bincount((x.flatten(2).long() + offset).reshape(-1),
-                              minlength=n * c * 256).view(n, c, 256)
+    offset = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1)
+    hist = torch.bincount((x.flatten(2).long() + offset).reshape(-1),
+                          minlength=n * c * 256).view(n, c, 256)
     nonzero = hist > 0
     last = 255 - nonzero.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)  # last used level
     step = (hist.sum(-1, keepdim=True) - hist.gather(-1, last)) // 255
@@ -158,7 +141,7 @@ def equalize(x, arg, hp):
     lut = ((step // 2 + before) // step.clamp(min=1)).clamp(max=255).to(torch.uint8)
     keep = (nonzero.sum(-1, keepdim=True) <= 1) | (step == 0)
     identity = torch.arange(256, device=x.device, dtype=torch.uint8).expand_as(lut)
-    return _lut(x, torch.where(keep, identity, lut), hp)
+    return _lut(x, torch.where(keep, identity, lut))
 
 
 def invert(x, arg, hp):
@@ -172,73 +155,39 @@ def posterize(x, arg, hp):
     return x & mask
 
 
-def _table_op(x, hp, table_fn, direct_fn):
-    """A pointwise op: through a per-sample table (n x 3 x 256) by the CPU kernel, else
-    directly with torch operations."""
-    if cpu_kernels(x, hp) is not None:
-        levels = torch.arange(256, dtype=torch.int16).view(1, 1, 256)
-        return _lut(x, table_fn(levels).to(torch.uint8).expand(x.shape[0], x.shape[1], 256),
-                    hp)
-    return direct_fn(x.to(torch.int16)).to(torch.uint8)
-
-
 def solarize(x, arg, hp):
-    thresh = arg.to(torch.int16).view(-1, 1, 1).to(x.device)
-
-    def fn(v):  # ImageOps.solarize's table: v if v < threshold else 255 - v
-        t = thresh.view(-1, *([1] * (v.dim() - 1)))
-        return torch.where(v < t, v, 255 - v)
-
-    return _table_op(x, hp, fn, fn)
+    # ImageOps.solarize's table: v if v < threshold else 255 - v
+    v = x.to(torch.int16)
+    t = arg.to(torch.int16).view(-1, 1, 1, 1).to(x.device)
+    return torch.where(v < t, v, 255 - v).to(torch.uint8)
 
 
 def solarize_add(x, arg, hp):
-    add = arg.to(torch.int16).to(x.device)
-
-    def fn(v):  # timm's solarize_add table: min(255, v + add) below 128, else v
-        a = add.view(-1, *([1] * (v.dim() - 1)))
-        return torch.where(v < 128, (v + a).clamp(max=255), v)
-
-    return _table_op(x, hp, fn, fn)
+    # timm's solarize_add table: min(255, v + add) below 128, else v
+    v = x.to(torch.int16)
+    a = arg.to(torch.int16).view(-1, 1, 1, 1).to(x.device)
+    return torch.where(v < 128, (v + a).clamp(max=255), v).to(torch.uint8)
 
 
 def color(x, arg, hp):
-    k = cpu_kernels(x, hp)
-    if k is not None:
-        out, view = _kernel_out(x)
-        k.color(nhwc(x), arg.to(torch.float32).numpy(), view)
-        return out
     grey = _luma(x).to(torch.uint8)[:, None].expand_as(x)
     return _blend(grey, x, arg)
 
 
-def _blend_level(level: torch.Tensor, x, arg, hp):
+def _blend_level(level: torch.Tensor, x, arg):
     """Blend with a constant degenerate image per sample (uint8 level, shape n)."""
-    k = cpu_kernels(x, hp)
-    if k is not None:
-        out, view = _kernel_out(x)
-        k.blend_const(level.to(torch.uint8).numpy(), nhwc(x), arg.to(torch.float32).numpy(),
-                      view)
-        return out
     return _blend(level.to(torch.uint8).view(-1, 1, 1, 1).expand_as(x), x, arg)
 
 
 def contrast(x, arg, hp):
-    k = cpu_kernels(x, hp)
-    if k is not None:
-        n, _, h, w = x.shape
-        luma = torch.empty((n, h, w), dtype=torch.uint8)
-        k.luma(nhwc(x), luma.numpy())
-        luma = luma.flatten(1)
-    else:
-        luma = _luma(x).flatten(1)
+    luma = _luma(x).flatten(1)
     # ImageStat's mean of the L histogram, in double, rounded as int(mean + 0.5).
     mean = torch.floor(luma.sum(1, dtype=torch.int64).double() / luma.shape[1] + 0.5)
-    return _blend_level(mean, x, arg, hp)
+    return _blend_level(mean, x, arg)
 
 
 def brightness(x, arg, hp):
-    return _blend_level(torch.zeros(x.shape[0], device=x.device), x, arg, hp)
+    return _blend_level(torch.zeros(x.shape[0], device=x.device), x, arg)
 
 
 # ImageFilter.SMOOTH, (1 1 1 / 1 5 1 / 1 1 1) / 13, divided in float32 as _imaging.c does.
@@ -268,11 +217,6 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
 def sharpness(x, arg, hp):
     if x.shape[-1] < 3 or x.shape[-2] < 3:
         return x.clone()  # PIL's filter returns a copy of images smaller than the kernel
-    k = cpu_kernels(x, hp)
-    if k is not None:
-        out, view = _kernel_out(x)
-        k.sharpness(nhwc(x), arg.to(torch.float32).numpy(), _K1.numpy(), _K5.numpy(), view)
-        return out
     return _blend(_smooth(x), x, arg)
 
 
@@ -354,7 +298,7 @@ def _source(k0, k1, k2, xo, yo):
 
 
 def affine(x: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor,
-           interpolation: str, backend: dict | None = None) -> torch.Tensor:
+           interpolation: str) -> torch.Tensor:
     """`Image.transform(size, AFFINE, m, resample, fillcolor=fill)` per sample.
 
     Destination pixel (i, j) samples the source at m applied to its centre (i + 0.5, j + 0.5)
@@ -366,12 +310,6 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor,
     """
     if interpolation not in _NEAR:
         raise ValueError(f"interpolation {interpolation!r}: bilinear or bicubic")
-    k = cpu_kernels(x, backend)
-    if k is not None:
-        out, view = _kernel_out(x)
-        k.affine(nhwc(x), matrices.to(torch.float64).contiguous().numpy(),
-                 fill.cpu().numpy(), interpolation == "bicubic", view)
-        return out
     n, c, h, w = x.shape
     dev = x.device
     m = matrices.to(dev, torch.float64).view(n, 6, 1, 1)
@@ -426,7 +364,7 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: torch.Tensor,
 def _geometric(name: str) -> Callable:
     def op(x, arg, hp):
         h, w = x.shape[-2:]
-        return affine(x, _matrices(name, arg, w, h), hp["fill"], hp["interpolation"], hp)
+        return affine(x, _matrices(name, arg, w, h), hp["fill"], hp["interpolation"])
 
     op.__name__ = name
     return op
@@ -434,40 +372,103 @@ def _geometric(name: str) -> Callable:
 
 @dataclass(frozen=True)
 class Op:
-    """One of timm's named ops: the image function and its level -> argument function."""
+    """One of timm's named ops: the image function (CPU batches through the kernels of
+    repro.data.augment_cpu, unless hp says `backend: torch` or numba is absent; torch
+    operations otherwise), its level -> argument function, its torch implementation and its
+    kind (which kernel step runs it: repro.data.augment_cpu.KINDS)."""
 
     name: str
-    fn: Callable
+    torch_fn: Callable
     level_fn: Callable | None
+    kind: str
+
+    def fn(self, x: torch.Tensor, arg: torch.Tensor, hp: dict | None) -> torch.Tensor:
+        """The op on the uint8 batch x, one float64 argument per sample."""
+        if cpu_kernels(x, hp) is not None:
+            n = x.shape[0]
+            return cpu_run(x, [((self.name,), torch.zeros(n, dtype=torch.int64),
+                                torch.ones(n, dtype=torch.bool), arg)], hp)
+        return self.torch_fn(x, arg, hp)
 
 
-def _op(name, fn, level_fn=None):
-    return name, Op(name, fn, level_fn)
+def _op(name, fn, kind, level_fn=None):
+    return name, Op(name, fn, level_fn, kind)
 
 
 OPS: dict[str, Op] = dict([
-    _op("AutoContrast", auto_contrast), _op("Equalize", equalize), _op("Invert", invert),
-    _op("Rotate", _geometric("Rotate"), _rotate_arg),
-    _op("Posterize", posterize, _posterize_arg),
-    _op("PosterizeIncreasing", posterize, _posterize_increasing_arg),
-    _op("PosterizeOriginal", posterize, _posterize_original_arg),
-    _op("Solarize", solarize, _solarize_arg),
-    _op("SolarizeIncreasing", solarize, _solarize_increasing_arg),
-    _op("SolarizeAdd", solarize_add, _solarize_add_arg),
-    _op("Color", color, _enhance_arg), _op("ColorIncreasing", color, _enhance_increasing_arg),
-    _op("Contrast", contrast, _enhance_arg),
-    _op("ContrastIncreasing", contrast, _enhance_increasing_arg),
-    _op("Brightness", brightness, _enhance_arg),
-    _op("BrightnessIncreasing", brightness, _enhance_increasing_arg),
-    _op("Sharpness", sharpness, _enhance_arg),
-    _op("SharpnessIncreasing", sharpness, _enhance_increasing_arg),
-    _op("ShearX", _geometric("ShearX"), _shear_arg),
-    _op("ShearY", _geometric("ShearY"), _shear_arg),
-    _op("TranslateX", _geometric("TranslateX"), _translate_abs_arg),
-    _op("TranslateY", _geometric("TranslateY"), _translate_abs_arg),
-    _op("TranslateXRel", _geometric("TranslateXRel"), _translate_rel_arg),
-    _op("TranslateYRel", _geometric("TranslateYRel"), _translate_rel_arg),
+    _op("AutoContrast", auto_contrast, "autocontrast"), _op("Equalize", equalize, "equalize"),
+    _op("Invert", invert, "table"),
+    _op("Rotate", _geometric("Rotate"), "affine", _rotate_arg),
+    _op("Posterize", posterize, "table", _posterize_arg),
+    _op("PosterizeIncreasing", posterize, "table", _posterize_increasing_arg),
+    _op("PosterizeOriginal", posterize, "table", _posterize_original_arg),
+    _op("Solarize", solarize, "table", _solarize_arg),
+    _op("SolarizeIncreasing", solarize, "table", _solarize_increasing_arg),
+    _op("SolarizeAdd", solarize_add, "table", _solarize_add_arg),
+    _op("Color", color, "color", _enhance_arg),
+    _op("ColorIncreasing", color, "color", _enhance_increasing_arg),
+    _op("Contrast", contrast, "contrast", _enhance_arg),
+    _op("ContrastIncreasing", contrast, "contrast", _enhance_increasing_arg),
+    _op("Brightness", brightness, "brightness", _enhance_arg),
+    _op("BrightnessIncreasing", brightness, "brightness", _enhance_increasing_arg),
+    _op("Sharpness", sharpness, "sharpness", _enhance_arg),
+    _op("SharpnessIncreasing", sharpness, "sharpness", _enhance_increasing_arg),
+    _op("ShearX", _geometric("ShearX"), "affine", _shear_arg),
+    _op("ShearY", _geometric("ShearY"), "affine", _shear_arg),
+    _op("TranslateX", _geometric("TranslateX"), "affine", _translate_abs_arg),
+    _op("TranslateY", _geometric("TranslateY"), "affine", _translate_abs_arg),
+    _op("TranslateXRel", _geometric("TranslateXRel"), "affine", _translate_rel_arg),
+    _op("TranslateYRel", _geometric("TranslateYRel"), "affine", _translate_rel_arg),
 ])
 SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel",
           "TranslateYRel", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
           "SharpnessIncreasing"}  # the level functions that call _randomly_negate
+
+
+# --------------------------------------------------------------------------------------------
+# CPU batches: the whole chain of drawn ops, and the normalisation, in one kernel call.
+
+def cpu_run(x: torch.Tensor, layers, hp: dict | None, norm: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply `layers` to the CPU batch x (uint8 n x 3 x H x W) with repro.data.augment_cpu.run:
+    each layer is (op names, op index per sample, applied per sample, argument per sample),
+    applied in order. Returns uint8 n x 3 x H x W (channels_last); or, with `norm` (the 3 x 256
+    float32 values of each level after normalisation), float32 through that table, into `out`
+    (n x H x W x 3) when given."""
+    from repro.data import augment_cpu as k
+
+    n, c, h, w = x.shape
+    hp = hp or {}
+    L = len(layers)
+    codes = torch.zeros((n, L), dtype=torch.int64)
+    matrices = torch.zeros((n, L, 6), dtype=torch.float64)
+    alphas = torch.zeros((n, L), dtype=torch.float32)
+    tables = torch.zeros((n, L, c, 256), dtype=torch.uint8)
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256)
+    for j, (names, op, applied, arg) in enumerate(layers):
+        for i, name in enumerate(names):
+            hit = torch.nonzero((op == i) & applied).flatten()
+            if hit.numel() == 0:
+                continue
+            spec, a = OPS[name], arg[hit].cpu()
+            codes[hit, j] = k.KINDS[spec.kind]
+            if spec.kind == "affine":
+                matrices[hit, j] = _matrices(name, a, w, h)
+            elif spec.kind == "table":  # a pointwise op is its table: the op on every level
+                tables[hit, j] = spec.torch_fn(levels.expand(len(hit), c, 1, 256), a, hp)[:, :, 0]
+            else:
+                alphas[hit, j] = a.to(torch.float32)
+    fill = hp.get("fill")
+    fill = torch.zeros(c, dtype=torch.uint8) if fill is None else fill.cpu()
+    bicubic = hp.get("interpolation", "bicubic") == "bicubic"
+    if norm is None:
+        out8 = torch.empty((n, h, w, c), dtype=torch.uint8)
+        out32 = torch.empty((0, h, w, c), dtype=torch.float32)
+    else:
+        out8 = torch.empty((0, h, w, c), dtype=torch.uint8)
+        out32 = torch.empty((n, h, w, c), dtype=torch.float32) if out is None else out
+    k.run(nhwc(x), codes.numpy(), matrices.numpy(), alphas.numpy(), tables.numpy(),
+          fill.numpy(), bicubic, _K1.numpy()[()], _K5.numpy()[()],
+          (norm if norm is not None else torch.zeros((c, 256))).contiguous().numpy(),
+          out8.numpy(), out32.numpy())
+    return (out8 if norm is None else out32).permute(0, 3, 1, 2)

@@ -133,13 +133,20 @@ def _proc_cpu_s(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _children(task: Path) -> list[str]:
+    """The child pids of one of our threads (none if the thread has ended meanwhile)."""
+    try:
+        return (task / "children").read_text().split()
+    except OSError:
+        return []
+
+
 def cpu_snapshot() -> dict:
     """CPU seconds so far: the machine's, the hypervisor's steal, and this process tree's."""
     user, nice, system, _idle, _iowait, irq, softirq, steal = (
         int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
     tick = os.sysconf("SC_CLK_TCK")
-    live = [c for task in Path("/proc/self/task").iterdir()
-            for c in (task / "children").read_text().split()]
+    live = [c for task in Path("/proc/self/task").iterdir() for c in _children(task)]
     reaped = os.times().children_user + os.times().children_system
     return {"t": time.perf_counter(), "machine": (user + nice + system + irq + softirq) / tick,
             "steal": steal / tick,
