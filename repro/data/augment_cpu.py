@@ -72,9 +72,17 @@ def run(src, codes, matrices, alphas, tables, fill, bicubic, k1, k5, norm, out8,
                 lut1(cur, table, dst)
             cur = dst
         if out8.shape[0] == n:
-            out8[i] = cur
+            _copy(cur, out8[i])
         else:
             normalize1(cur, norm, out32[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def _copy(img, out):  # pragma: no cover (compiled)
+    src = img.reshape(-1)
+    dst = out.reshape(-1)
+    for j in range(src.shape[0]):
+        dst[j] = src[j]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -83,18 +91,25 @@ def affine1(img, m, fill, bicubic, out):  # pragma: no cover (compiled)
     bicubic_filter32RGB, for one RGB image; every pixel of `out` is written.
 
     Row by row, in three passes that the compiler can vectorise: the source point of each
-    destination pixel centre (PIL's double arithmetic) and its clamped neighbours, as PIL's
-    filters take them; the neighbours' pixels gathered from a packed copy of the image (RGB in
-    one int32); then PIL's filter one channel at a time, or the fill colour outside the
-    source. A map that leaves y alone (shears and translations in x) puts every source point
-    on its own row (dy = 0), and one that leaves x alone on its own column (dx = 0); PIL's
-    filter then weighs the other rows (columns) by exactly 0, so they are not gathered: the
-    same values."""
+    destination pixel centre (PIL's double arithmetic) and where its neighbours start; the
+    neighbours' pixels gathered from a packed copy of the image (RGB in one int32) with a
+    two-pixel border repeating its edge, which is how the filters clamp (Geometry.c clamps
+    columns to the image and takes, for a row outside it, the row before; for source points
+    inside the image both are the nearest edge row or column); then PIL's filter one channel
+    at a time, or the fill colour outside the source. A map that leaves y alone (shears and
+    translations in x) puts every source point on its own row (dy = 0), and one that leaves x
+    alone on its own column (dx = 0); PIL's filter then weighs the other rows (columns) by
+    exactly 0, so they are not gathered: the same values."""
     h, w, _ = img.shape
-    packed = np.empty(h * w, np.int32)
-    flat = img.reshape(-1, 3)
-    for p in range(h * w):
-        packed[p] = _pack(flat[p, 0], flat[p, 1], flat[p, 2])
+    wp = w + 4
+    padded = np.empty((h + 4) * wp, np.int32)
+    for r in range(h + 4):
+        src = img[min(max(r - 2, 0), h - 1)]
+        row = padded[r * wp:(r + 1) * wp]
+        for c in range(w):
+            row[c + 2] = _pack(src[c, 0], src[c, 1], src[c, 2])
+        row[0] = row[1] = row[2]
+        row[w + 3] = row[w + 2] = row[w + 1]
     fillp = _pack(fill[0], fill[1], fill[2])
     a0, a1, a2, a3, a4, a5 = m[0], m[1], m[2], m[3], m[4], m[5]
     along_x = a3 == 0.0 and a4 == 1.0 and a5 == 0.0  # yin = y + 0.5 exactly
@@ -102,17 +117,14 @@ def affine1(img, m, fill, bicubic, out):  # pragma: no cover (compiled)
     k = 4 if bicubic else 2  # neighbours per axis
     nx = 1 if along_y else k
     ny = 1 if along_x else k
+    first = k // 2 - 1  # bicubic's neighbours start one before the point's own pixel
     dxs = np.empty(w)
     dys = np.empty(w)
     inside = np.empty(w, np.bool_)
-    xi = np.empty(w, np.int64)
-    yi = np.empty(w, np.int64)
-    cols = np.empty((k, w), np.int64)
-    rows = np.empty((k, w), np.int64)
+    base = np.empty(w, np.int64)
     taps = np.empty((k * k, w), np.int32)
     res = np.empty(w, np.int32)
     dst = out.reshape(h, w * 3)
-    first = k // 2 - 1  # bicubic reads from the neighbour before the one bilinear starts at
     for y in range(h):
         yo = y + 0.5
         for x in range(w):
@@ -126,35 +138,24 @@ def affine1(img, m, fill, bicubic, out):  # pragma: no cover (compiled)
             fy = np.floor(ys)
             dxs[x] = xs - fx
             dys[x] = ys - fy
-            # outside points clamped first, to stay in range (their pixels are never used)
-            xi[x] = np.int64(min(max(fx, -8.0), w + 8.0)) - first
-            yi[x] = np.int64(min(max(fy, -8.0), h + 8.0)) - first
-        # The neighbours as the filters read them: columns clamped to the image; rows the
-        # first clamped, each later one the one before it where it falls outside the image.
-        if not along_y:
-            for q in range(k):
-                for x in range(w):
-                    cols[q, x] = min(max(xi[x] + q, 0), w - 1)
-        if not along_x:
-            for x in range(w):
-                rows[0, x] = min(max(yi[x], 0), h - 1) * w
-            for q in range(1, k):
-                for x in range(w):
-                    r = yi[x] + q
-                    rows[q, x] = r * w if (r >= 0) & (r < h) else rows[q - 1, x]
+            # in [-1, size - 1] for points inside; points outside are clamped there too (their
+            # pixels are never used)
+            xi = np.int64(min(max(fx, -1.0), w - 1.0)) - first
+            yi = np.int64(min(max(fy, -1.0), h - 1.0)) - first
+            base[x] = (yi + 2) * wp + xi + 2
         if along_x:
-            for q in range(k):
+            for p in range(k):
                 for x in range(w):
-                    taps[q, x] = packed[y * w + cols[q, x]]
+                    taps[p, x] = padded[base[x] + first * wp + p]
         elif along_y:
             for q in range(k):
                 for x in range(w):
-                    taps[q, x] = packed[rows[q, x] + x]
+                    taps[q, x] = padded[base[x] + q * wp + first]
         else:
             for q in range(k):
                 for p in range(k):
                     for x in range(w):
-                        taps[q * k + p, x] = packed[rows[q, x] + cols[p, x]]
+                        taps[q * k + p, x] = padded[base[x] + q * wp + p]
         for x in range(w):
             res[x] = 0
         for s in (0, 8, 16):
@@ -251,8 +252,10 @@ def _clip(t):  # pragma: no cover (compiled)
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _clip8(t):  # pragma: no cover (compiled)
-    """PIL's clip to [0, 255] and C's truncating (UINT8) cast, branch-free."""
-    return np.uint8(min(max(t, 0.0), 255.0))
+    """A float32's clip to [0, 255] and C's truncating (UINT8) cast, as Blend.c and Filter.c
+    do (comparisons in float32, so that the loops vectorise)."""
+    t = np.float32(0.0) if t < np.float32(0.0) else t
+    return np.uint8(np.float32(255.0) if t > np.float32(255.0) else t)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -262,8 +265,9 @@ def blend_const1(img, level, alpha, out):  # pragma: no cover (compiled)
     src = img.reshape(-1)
     dst = out.reshape(-1)
     d = np.float32(level)
+    a = np.float32(alpha)
     for j in range(src.shape[0]):
-        dst[j] = _clip8(d + alpha * (np.float32(src[j]) - d))
+        dst[j] = _clip8(d + a * (np.float32(src[j]) - d))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -287,12 +291,15 @@ def _luma_mean(img):  # pragma: no cover (compiled)
 @numba.njit(cache=True, nogil=True)
 def color1(img, alpha, out):  # pragma: no cover (compiled)
     """ImageEnhance.Color: blend of the L-converted image (replicated) and the image."""
-    h, w, _ = img.shape
-    for y in range(h):
-        for x in range(w):
-            d = np.float32(_luma(img[y, x, 0], img[y, x, 1], img[y, x, 2]))
-            for b in range(3):
-                out[y, x, b] = _clip8(d + alpha * (np.float32(img[y, x, b]) - d))
+    src = img.reshape(-1, 3)
+    dst = out.reshape(-1, 3)
+    a = np.float32(alpha)
+    for p in range(src.shape[0]):
+        r, g, b = src[p, 0], src[p, 1], src[p, 2]
+        d = np.float32(_luma(r, g, b))
+        dst[p, 0] = _clip8(d + a * (np.float32(r) - d))
+        dst[p, 1] = _clip8(d + a * (np.float32(g) - d))
+        dst[p, 2] = _clip8(d + a * (np.float32(b) - d))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -303,6 +310,7 @@ def sharpness1(img, alpha, k1, k5, out):  # pragma: no cover (compiled)
     h, w, c = img.shape
     flat = img.reshape(h, w * c)
     dst = out.reshape(h, w * c)
+    a = np.float32(alpha)
     for y in range(h):
         if y == 0 or y == h - 1 or w < 3:
             dst[y, :] = flat[y, :]
@@ -321,7 +329,7 @@ def sharpness1(img, alpha, k1, k5, out):  # pragma: no cover (compiled)
             ss += (np.float32(up[j - c]) * k1 + np.float32(up[j]) * k1) + np.float32(
                 up[j + c]) * k1
             d = np.float32(_clip8(ss))
-            row[j] = _clip8(d + alpha * (np.float32(mid[j]) - d))
+            row[j] = _clip8(d + a * (np.float32(mid[j]) - d))
 
 
 @numba.njit(cache=True, nogil=True)
