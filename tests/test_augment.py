@@ -146,8 +146,8 @@ for h, w in [(1, 1), (1, 5), (4, 1), (2, 3), (3, 2), (9, 7)]:
             tails = [A.TrainTail(auto_augment=spec, color_jitter=None,
                                  interpolation=interpolation, mean=(0.485, 0.456, 0.406),
                                  std=(0.229, 0.224, 0.225), re_prob=0.0, re_mode="pixel",
-                                 re_count=1, cpu_workers=2) for _ in range(2)]
-            tails[1].policy.backend = "torch"
+                                 re_count=1, hflip=0.5, cpu_workers=2, backend=backend)
+                     for backend in ("auto", "torch")]
             many = x.repeat(4, 1, 1, 1)
             assert torch.equal(tails[0](many, 5), tails[1](many, 5)), (spec, h, w)
 print("ok")
@@ -344,18 +344,38 @@ def test_train_tail_normalises_as_torchvision_and_erases_at_its_rate():
     assert not torch.equal(erasing(many, 7), erasing(many, 8))
 
 
-def test_a_batch_split_between_threads_is_augmented_as_in_one_part():
+@pytest.mark.parametrize("aug", [{"auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": None},
+                                 {"auto_augment": None, "color_jitter": 0.4}])
+def test_a_batch_split_between_threads_is_augmented_as_in_one_part(aug):
     batch = as_batch(photos(6) * 6)
-    tails = [A.TrainTail(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=None,
-                         interpolation="bicubic", mean=MEAN, std=STD, re_prob=0.25,
-                         re_mode="pixel", re_count=1, cpu_workers=w) for w in (1, 3)]
-    one, three = (t(batch, 11).clone() for t in tails)
+
+    def tail(workers, backend="auto"):
+        return A.TrainTail(**aug, interpolation="bicubic", mean=MEAN, std=STD, re_prob=0.25,
+                           re_mode="pixel", re_count=1, hflip=0.5, cpu_workers=workers,
+                           backend=backend)
+
+    one, three = (tail(w)(batch, 11).clone() for w in (1, 3))
     assert torch.equal(one, three)
-    torch_tail = A.TrainTail(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=None,
-                             interpolation="bicubic", mean=MEAN, std=STD, re_prob=0.25,
-                             re_mode="pixel", re_count=1, cpu_workers=1)
-    torch_tail.policy.backend = "torch"  # what a GPU runs
-    assert torch.equal(torch_tail(batch, 11), one)
+    assert torch.equal(tail(1, "torch")(batch, 11), one)  # the torch operations a GPU runs
+
+
+def test_the_tail_flips_about_half_the_images_left_right_from_its_seed():
+    batch = as_batch(photos(1) * 200)
+
+    def tail(hflip):
+        return A.TrainTail(auto_augment=None, color_jitter=None, interpolation="bicubic",
+                           mean=MEAN, std=STD, re_prob=0.0, re_mode="pixel", re_count=1,
+                           hflip=hflip)
+
+    ref = tail(0.0)(batch, 3).clone()
+    flipping = tail(0.5)
+    out = flipping(batch, 3).clone()
+    mirrored = [torch.equal(out[i], ref[i].flip(-1)) for i in range(200)]
+    kept = [torch.equal(out[i], ref[i]) for i in range(200)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))
+    assert 70 < sum(mirrored) < 130
+    assert torch.equal(flipping(batch, 3), out)
+    assert not torch.equal(flipping(batch, 4), out)
 
 
 def test_colour_jitter_is_inert_under_a_policy_and_timm_like_without():

@@ -44,7 +44,8 @@ import torch
 
 from repro.data.augment_ops import LEVEL_DENOM, OPS, cpu_kernels, cpu_run
 
-__all__ = ["auto_augment", "Policy", "Layer", "parse_policy", "OPS", "fill_color"]
+__all__ = ["auto_augment", "Policy", "Layer", "parse_policy", "OPS", "fill_color", "TrainTail",
+           "apply_layers", "color_jitter"]
 
 
 # timm 1.0.31 auto_augment.py: the RandAugment op sets and policies, by name.
@@ -294,35 +295,35 @@ class AutoAugment:
                             f"{images.dtype} {tuple(images.shape)}")
         n, _, h, w = images.shape
         hp = self.hparams(h, w, images.device)
-        layers = self.policy.draw(n, generator, hp)
-        return self.apply(images, layers, hp)
-
-    def apply(self, images: torch.Tensor, layers: list[Layer], hp: dict) -> torch.Tensor:
-        """Apply drawn layers in order.
-
-        A CPU batch goes through the kernels of repro.data.augment_cpu image by image, all its
-        ops in one call (augment_ops.cpu_run). Otherwise each op runs once per layer, as torch
-        operations, on the samples it hit; the batch is held as N x H x W x 3 (channels_last
-        memory), so that taking those samples and putting them back are whole-image copies."""
-        if cpu_kernels(images, hp) is not None:
-            return cpu_run(images, steps(layers), hp)
-        x = images.permute(0, 2, 3, 1).contiguous().clone()  # our own copy, channels last
-        n, h, w, c = x.shape
-        rows = x.view(n, h * w * c)  # index_select over whole rows is a memcpy per image
-        dev = x.device
-        for layer in layers:
-            for k, name in enumerate(layer.names):
-                hit = torch.nonzero((layer.op == k) & layer.applied).flatten()
-                if hit.numel() == 0:
-                    continue
-                sub = rows.index_select(0, hit.to(dev)).view(-1, h, w, c).permute(0, 3, 1, 2)
-                out = OPS[name].fn(sub, layer.arg[hit].to(dev), hp).permute(0, 2, 3, 1)
-                for j, i in enumerate(hit.tolist()):  # (index_copy_ is elementwise here)
-                    x[i].copy_(out[j])
-        return x.permute(0, 3, 1, 2)
+        return apply_layers(images, self.policy.draw(n, generator, hp), hp)
 
     def __repr__(self) -> str:
         return f"AutoAugment({self.policy.spec!r}, interpolation={self.interpolation})"
+
+
+def apply_layers(images: torch.Tensor, layers: list[Layer], hp: dict) -> torch.Tensor:
+    """Apply drawn layers to a uint8 N x 3 x H x W batch, in order.
+
+    A CPU batch goes through the kernels of repro.data.augment_cpu image by image, all its ops
+    in one call (augment_ops.cpu_run). Otherwise each op runs once per layer, as torch
+    operations, on the samples it hit; the batch is held as N x H x W x 3 (channels_last
+    memory), so that taking those samples and putting them back are whole-image copies."""
+    if cpu_kernels(images, hp) is not None:
+        return cpu_run(images, steps(layers), hp)
+    x = images.permute(0, 2, 3, 1).contiguous().clone()  # our own copy, channels last
+    n, h, w, c = x.shape
+    rows = x.view(n, h * w * c)  # index_select over whole rows is a memcpy per image
+    dev = x.device
+    for layer in layers:
+        for k, name in enumerate(layer.names):
+            hit = torch.nonzero((layer.op == k) & layer.applied).flatten()
+            if hit.numel() == 0:
+                continue
+            sub = rows.index_select(0, hit.to(dev)).view(-1, h, w, c).permute(0, 3, 1, 2)
+            out = OPS[name].fn(sub, layer.arg[hit].to(dev), hp).permute(0, 2, 3, 1)
+            for j, i in enumerate(hit.tolist()):  # (index_copy_ is elementwise here)
+                x[i].copy_(out[j])
+    return x.permute(0, 3, 1, 2)
 
 
 def steps(layers: list[Layer]) -> list[tuple]:
@@ -348,50 +349,65 @@ def auto_augment(spec: str, *, interpolation: str, mean, backend: str = "auto") 
 # --------------------------------------------------------------------------------------------
 # Colour jitter and the whole training tail after FFCV.
 
-def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
-    """torchvision's `ColorJitter(s, s, s)` as timm builds it from a scalar (no hue), per sample:
-    brightness, contrast and saturation factors uniform in [max(0, 1 - s), 1 + s], applied in a
-    random order; on PIL images those are ImageEnhance's Brightness / Contrast / Color, which
-    the ops above reproduce."""
-    n = x.shape[0]
+JITTER_OPS = ("Brightness", "Contrast", "Color")  # torchvision's fn_idx 0, 1, 2 (3, hue, off)
+
+
+def jitter_layers(n: int, strength: float, generator: torch.Generator | None = None
+                  ) -> list[Layer]:
+    """torchvision's `ColorJitter(s, s, s)` as timm builds it from a scalar (no hue), drawn per
+    sample as four layers: brightness, contrast and saturation factors uniform in
+    [max(0, 1 - s), 1 + s], applied in a random order (layer k applies op order[k]; the fourth
+    op, hue, is off). On PIL images those are ImageEnhance's Brightness / Contrast / Color, the
+    ops of augment_ops."""
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
     order = torch.rand((n, 4), generator=generator).argsort(dim=1)  # randperm(4) per sample
     factors = lo + (hi - lo) * torch.rand((n, 3), generator=generator, dtype=torch.float64)
-    # torchvision's fn_idx 0, 1, 2 (3, hue, is off)
-    fns = (OPS["Brightness"].fn, OPS["Contrast"].fn, OPS["Color"].fn)
-    x = x.clone()
+    layers = []
     for k in range(4):
-        for f, fn in enumerate(fns):
-            hit = torch.nonzero(order[:, k] == f).flatten()
-            if hit.numel():
-                idx = hit.to(x.device)
-                x[idx] = fn(x[idx], factors[hit, f].to(x.device), None)
-    return x
+        op = order[:, k]
+        arg = factors.gather(1, op.clamp(max=2)[:, None])[:, 0]
+        layers.append(Layer(JITTER_OPS, op, op < 3, arg, arg))
+    return layers
+
+
+def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """Colour jitter of strength s (see jitter_layers) on a uint8 N x 3 x H x W batch."""
+    return apply_layers(x, jitter_layers(x.shape[0], strength, generator), {})
 
 
 class TrainTail:
-    """timm's training transforms after the crop and flip, on a batch on the training device:
-    the auto-augment policy (or colour jitter, which timm turns off when a policy is set) on
-    uint8, then ToTensor + Normalize (x / 255, - mean, / std, float32, as torchvision computes
-    them), then timm's own `RandomErasing` on the normalised batch. Drawn per sample, from one
-    seed per batch: a batch's augmentation is a pure function of that seed.
+    """timm's training transforms after the crop, on a batch on the training device: the
+    horizontal flip (`hflip`), the auto-augment policy (or colour jitter, which timm turns off
+    when a policy is set) on uint8, then ToTensor + Normalize (x / 255, - mean, / std, float32,
+    as torchvision computes them), then timm's own `RandomErasing` on the normalised batch.
+    Drawn per sample, from one seed per batch: a batch's augmentation, flips included, is a
+    pure function of that seed.
 
     On the CPU (numba kernels, repro.data.augment_cpu) the batch is drawn once, then split
     between the calling thread and `cpu_workers - 1` helper threads, the kernels releasing the
     GIL: a consumer thread alone cannot keep up with FFCV's loader threads (measured: 96 % of
-    the epoch spent in the augmentation on one thread). The float32 output cycles through
-    `buffers` reused batches, as FFCV's own batches do (a fresh 38 MB batch costs ~10k page
-    faults): a batch stays valid until `buffers` more are made; clone what you keep."""
+    the epoch spent in the augmentation on one thread). Each image is flipped, augmented and
+    normalised in one pass through cache-sized scratch images; FFCV's own flip, a copy of every
+    image, cost ~0.15 ms of CPU per image here. The float32 output cycles through `buffers`
+    reused batches, as FFCV's own batches do (a fresh 38 MB batch costs ~10k page faults): a
+    batch stays valid until `buffers` more are made; clone what you keep. `backend`: "auto"
+    (the kernels for CPU batches when numba is installed) or "torch" (torch operations
+    everywhere, what a GPU runs; the same values)."""
 
     def __init__(self, *, auto_augment: str | None, color_jitter: float | None,
                  interpolation: str, mean, std, re_prob: float, re_mode: str, re_count: int,
-                 buffers: int = 2, cpu_workers: int | None = None):
+                 hflip: float = 0.0, buffers: int = 2, cpu_workers: int | None = None,
+                 backend: str = "auto"):
         self.policy = None
         if auto_augment:
             self.policy = AutoAugment(parse_policy(auto_augment), interpolation=interpolation,
-                                      mean=mean)
+                                      mean=mean, backend=backend)
         self.jitter = color_jitter if (color_jitter and not auto_augment) else None
+        self.hflip = hflip
+        self.backend = backend
+        self.interpolation = interpolation
+        self.fill = torch.tensor(fill_color(mean), dtype=torch.uint8)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.erasing = (re_prob, re_mode, re_count) if re_prob > 0 else None
@@ -405,6 +421,11 @@ class TrainTail:
         self._pool = None
         self._ring: list[torch.Tensor] = []
         self._next = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether there is more to do than FFCV's one-pass flip and normalisation."""
+        return bool(self.policy or self.jitter or self.erasing)
 
     def _output(self, shape) -> torch.Tensor:
         """The next of `buffers` reused float32 CPU outputs of this shape."""
@@ -422,26 +443,30 @@ class TrainTail:
         levels = torch.arange(256, dtype=torch.float32).expand(1, 3, 256)
         return levels.div(255).sub_(self.mean.view(1, 3, 1)).div_(self.std.view(1, 3, 1))[0]
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """ToTensor + Normalize: x / 255, - mean, / std in float32, channels_last; on the CPU
-        by a lookup in the 256 values those same torch operations give (one pass)."""
-        if cpu_kernels(x, {}) is not None:
-            n, c, h, w = x.shape
-            return cpu_run(x, [], {}, self._table(), self._output((n, h, w, c)))
-        dev = x.device
-        out = x.to(torch.float32).div_(255).sub_(self.mean.to(dev)).div_(self.std.to(dev))
-        return out.contiguous(memory_format=torch.channels_last)
+    def hparams(self, h: int, w: int, device) -> dict:
+        if self.policy is not None:
+            return self.policy.hparams(h, w, device)
+        return {"fill": self.fill.to(device), "interpolation": self.interpolation,
+                "backend": self.backend}
 
-    def _cpu(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Policy and normalisation for a CPU batch in the kernels of repro.data.augment_cpu:
-        drawn once, applied in parts on `cpu_workers` threads (the same result as in one part:
-        every op is per sample)."""
+    def draw(self, n: int, g: torch.Generator, hp: dict) -> tuple[torch.Tensor, list[Layer]]:
+        """A batch's flips (bool, n) and layers (the policy's, or colour jitter's)."""
+        flip = (torch.rand(n, generator=g) < self.hflip if self.hflip > 0
+                else torch.zeros(n, dtype=torch.bool))
+        if self.policy is not None:
+            return flip, self.policy.policy.draw(n, g, hp)
+        if self.jitter is not None:
+            return flip, jitter_layers(n, self.jitter, g)
+        return flip, []
+
+    def _cpu(self, images: torch.Tensor, flip: torch.Tensor, layers: list[Layer],
+             hp: dict) -> torch.Tensor:
+        """Flip, layers and normalisation of a CPU batch in the kernels of
+        repro.data.augment_cpu, in parts on `cpu_workers` threads (the same result as in one
+        part: every op is per sample)."""
         from concurrent.futures import ThreadPoolExecutor
 
         n, c, h, w = images.shape
-        policy = self.policy
-        hp = policy.hparams(h, w, images.device)
-        layers = policy.policy.draw(n, g, hp)
         out = self._output((n, h, w, c))
         table = self._table()
         workers = self.cpu_workers if n >= 2 * self.cpu_workers else 1
@@ -449,7 +474,8 @@ class TrainTail:
 
         def part(i):
             s = slice(bounds[i], bounds[i + 1])
-            cpu_run(images[s], steps([layer[s] for layer in layers]), hp, table, out[s])
+            cpu_run(images[s], steps([layer[s] for layer in layers]), hp, table, out[s],
+                    flip[s])
 
         if workers > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.cpu_workers - 1,
@@ -459,10 +485,6 @@ class TrainTail:
         for f in helpers:
             f.result()
         return out.permute(0, 3, 1, 2)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.policy or self.jitter or self.erasing)
 
     def _eraser(self, device):
         from timm.data.random_erasing import RandomErasing
@@ -475,17 +497,19 @@ class TrainTail:
 
     def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        x = images
-        if (self.policy is not None
-                and cpu_kernels(images, {"backend": self.policy.backend}) is not None):
-            out = self._cpu(images, g)
+        n, _, h, w = images.shape
+        dev = images.device
+        hp = self.hparams(h, w, dev)
+        flip, layers = self.draw(n, g, hp)
+        if cpu_kernels(images, hp) is not None:
+            out = self._cpu(images, flip, layers, hp)
         else:
-            if self.policy is not None:
-                x = self.policy(x, g)
-            elif self.jitter is not None:
-                x = color_jitter(x, self.jitter, g)
-            out = self.normalize(x)
-        dev = out.device
+            x = images
+            if bool(flip.any()):
+                x = torch.where(flip.to(dev).view(-1, 1, 1, 1), x.flip(-1), x)
+            x = apply_layers(x, layers, hp)
+            out = x.to(torch.float32).div_(255).sub_(self.mean.to(dev)).div_(self.std.to(dev))
+            out = out.contiguous(memory_format=torch.channels_last)
         if self.erasing is not None:
             # timm's RandomErasing draws from Python's `random` and torch's generator: both are
             # seeded for this batch and restored afterwards.

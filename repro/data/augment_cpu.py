@@ -31,11 +31,13 @@ KINDS = {"affine": AFFINE, "table": TABLE, "contrast": CONTRAST, "brightness": B
 
 
 @numba.njit(cache=True, nogil=True)
-def run(src, codes, matrices, alphas, tables, fill, bicubic, k1, k5, norm, out8, out32):
-    """Per image i of src (n x H x W x 3 uint8), the steps codes[i, l] in layer order, each
-    with its matrix (AFFINE, n x L x 6), factor (blends, n x L float32) or table (TABLE,
-    n x L x 3 x 256 uint8); then the result into out8[i] (uint8) or, where out8 is empty, into
-    out32[i] through the normalisation table norm (3 x 256 float32)."""
+def run(src, flip, codes, matrices, alphas, tables, fill, bicubic, k1, k5, norm, out8,
+        out32):  # pragma: no cover (compiled)
+    """Per image i of src (n x H x W x 3 uint8): mirrored left-right where flip[i], then the
+    steps codes[i, l] in layer order, each with its matrix (AFFINE, n x L x 6), factor (blends,
+    n x L float32) or table (TABLE, n x L x 3 x 256 uint8); then the result into out8[i]
+    (uint8) or, where out8 is empty, into out32[i] through the normalisation table norm
+    (3 x 256 float32)."""
     n, h, w, _ = src.shape
     scratch = np.empty((2, h, w, 3), np.uint8)
     hist = np.empty((3, 256), np.int64)
@@ -43,6 +45,10 @@ def run(src, codes, matrices, alphas, tables, fill, bicubic, k1, k5, norm, out8,
     for i in range(n):
         cur = src[i]
         t = 0
+        if flip[i]:
+            _mirror(cur, scratch[t])
+            cur = scratch[t]
+            t ^= 1
         for layer in range(codes.shape[1]):
             code = codes[i, layer]
             if code == SKIP:
@@ -75,6 +81,18 @@ def run(src, codes, matrices, alphas, tables, fill, bicubic, k1, k5, norm, out8,
             _copy(cur, out8[i])
         else:
             normalize1(cur, norm, out32[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def _mirror(img, out):  # pragma: no cover (compiled)
+    """out = img mirrored left-right (PIL's FLIP_LEFT_RIGHT, as timm's RandomHorizontalFlip)."""
+    h, w, _ = img.shape
+    for y in range(h):
+        src, dst = img[y], out[y]
+        for x in range(w):
+            dst[x, 0] = src[w - 1 - x, 0]
+            dst[x, 1] = src[w - 1 - x, 1]
+            dst[x, 2] = src[w - 1 - x, 2]
 
 
 @numba.njit(cache=True, nogil=True)

@@ -429,12 +429,12 @@ SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXR
 # CPU batches: the whole chain of drawn ops, and the normalisation, in one kernel call.
 
 def cpu_run(x: torch.Tensor, layers, hp: dict | None, norm: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, flip: torch.Tensor | None = None) -> torch.Tensor:
     """Apply `layers` to the CPU batch x (uint8 n x 3 x H x W) with repro.data.augment_cpu.run:
     each layer is (op names, op index per sample, applied per sample, argument per sample),
-    applied in order. Returns uint8 n x 3 x H x W (channels_last); or, with `norm` (the 3 x 256
-    float32 values of each level after normalisation), float32 through that table, into `out`
-    (n x H x W x 3) when given."""
+    applied in order, after mirroring the samples where `flip` (bool, n) is set. Returns uint8
+    n x 3 x H x W (channels_last); or, with `norm` (the 3 x 256 float32 values of each level
+    after normalisation), float32 through that table, into `out` (n x H x W x 3) when given."""
     from repro.data import augment_cpu as k
 
     n, c, h, w = x.shape
@@ -467,7 +467,8 @@ def cpu_run(x: torch.Tensor, layers, hp: dict | None, norm: torch.Tensor | None 
     else:
         out8 = torch.empty((0, h, w, c), dtype=torch.uint8)
         out32 = torch.empty((n, h, w, c), dtype=torch.float32) if out is None else out
-    k.run(nhwc(x), codes.numpy(), matrices.numpy(), alphas.numpy(), tables.numpy(),
+    flip = torch.zeros(n, dtype=torch.bool) if flip is None else flip.cpu()
+    k.run(nhwc(x), flip.numpy(), codes.numpy(), matrices.numpy(), alphas.numpy(), tables.numpy(),
           fill.numpy(), bicubic, _K1.numpy()[()], _K5.numpy()[()],
           (norm if norm is not None else torch.zeros((c, 256))).contiguous().numpy(),
           out8.numpy(), out32.numpy())

@@ -23,8 +23,8 @@ order does not support distributed loading (RANDOM is used under DDP, as ffcv-im
 every new Loader compiles its pipeline with numba (~10 s for the train pipeline).
 
 The papers' per-image augmentations (RandAugment / AutoAugment, colour jitter, random erasing)
-run after FFCV's decode, crop and flip, as batched tensor operations on the training device
-(repro.data.augment.TrainTail); repeated augmentation is an ffcv order (ffcv_ops). FFCV's
+run after FFCV's decode and crop, as batched tensor operations on the training device
+(repro.data.augment.TrainTail, which then also does the flip, seeded); repeated augmentation is an ffcv order (ffcv_ops). FFCV's
 decoders resize with OpenCV's INTER_AREA, hard-coded in ffcv 1.0.2: the recipe's
 `data.interpolation` reaches the auto-augment ops but not the crop, a deviation the schema
 declares and `repro.recipe.path_report` lists.
@@ -86,9 +86,10 @@ def _tail(mean, std, device: torch.device, hflip: float = 0.0, uint8: bool = Fal
     """Flip, normalise, convert to torch: JIT stages first, torch stages last (module doc).
 
     On CPU the flip and the normalisation are one pass (`FlipNormalize`); on GPU the order is
-    ffcv-imagenet's: flip on the CPU, normalise on the device. `uint8`: stop after the flip and
-    hand uint8 N x 3 x H x W images (on the device) to the device augmentation, which
-    normalises after it (repro.data.augment.TrainTail).
+    ffcv-imagenet's: flip on the CPU, normalise on the device. `uint8`: hand the cropped uint8
+    N x 3 x H x W images (on the device) to the device augmentation, which flips (seeded, and
+    without FFCV's copy of every image), augments and normalises them
+    (repro.data.augment.TrainTail).
     """
     from ffcv.transforms import (
         NormalizeImage,
@@ -103,7 +104,7 @@ def _tail(mean, std, device: torch.device, hflip: float = 0.0, uint8: bool = Fal
     flip = [RandomHorizontalFlip(flip_prob=hflip)] if hflip > 0 else []
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     if uint8:
-        return flip + [ToTensor(), *to_device, ToTorchImage()]
+        return [ToTensor(), *to_device, ToTorchImage()]
     mean = np.array(mean) * 255
     std = np.array(std) * 255
     if device.type == "cuda":
@@ -191,9 +192,10 @@ class FFCVTrain:
     """Training batches of one epoch, from any batch on (for resume).
 
     The sample order is fixed by (seed, epoch), and so is the device augmentation (`augment`:
-    one seed per (seed, epoch, rank, batch)); FFCV's random crops and flips are drawn in numba
-    threads that no seed reaches, so a resumed FFCV run repeats the order and the device
-    augmentation, not the crops (the ImageFolder loader is the bitwise-reproducible one).
+    one seed per (seed, epoch, rank, batch), flips included); FFCV's random crops (and its
+    flips, when there is no device augmentation) are drawn in numba threads that no seed
+    reaches, so a resumed FFCV run repeats the order and the device augmentation, not the
+    crops (the ImageFolder loader is the bitwise-reproducible one).
     Batches reuse buffers, FFCV's and the device augmentation's alike: clone what you keep.
     """
 
@@ -230,7 +232,7 @@ def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch
     n_train, n_val = _open(train_path, "train"), _open(val_path, "val")
     tail = TrainTail(auto_augment=a.auto_augment, color_jitter=a.color_jitter,
                      interpolation=d.interpolation, mean=d.mean, std=d.std, re_prob=a.re_prob,
-                     re_mode=a.re_mode, re_count=a.re_count)
+                     re_mode=a.re_mode, re_count=a.re_count, hflip=d.hflip)
     tail = tail if tail.active else None
     train = make_loader(train_path, train_pipeline(d.resolution, d.scale, d.ratio, d.hflip,
                                                    d.mean, d.std, device,
