@@ -15,7 +15,8 @@ Writes `reports/augment_parity.md` and `reports/augment_parity.json`:
    FFCV + device augmentation and through ImageFolder + timm PIL, `--seeds` seeds each: final
    top-1 mean +- std per path and a Welch t-test between them.
 
-Usage: python benchmarks/augment_parity.py [--seeds 3] [--epochs 40] [--skip-training]
+Usage: python benchmarks/augment_parity.py [--seeds 3] [--epochs 40]
+           [--skip-training | --reuse-training]
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def render(rep: dict) -> str:
              "The reference is what the official codes of LeViT, CvT and EarlyConv ran: timm's "
              f"PIL transforms (timm {rep['versions']['timm']}, Pillow "
              f"{rep['versions']['Pillow']}). `repro.data.augment` reproduces them as batched "
-             "tensor operations after FFCV's decode, crop and flip; `auto` is the numba CPU "
+             "tensor operations after FFCV's decode and crop (the flip is theirs too); `auto` is the numba CPU "
              "kernels (`repro.data.augment_cpu`), `torch` the torch operations a GPU runs "
              "(here run on the CPU).", "",
              "## 1. Op by op, on photographs", "",
@@ -185,6 +186,9 @@ def render(rep: dict) -> str:
         lines += ["Not run (`--skip-training`).", ""]
     else:
         s = t["summary"]
+        if rep.get("training_reused"):
+            lines += [f"Kept from an earlier run of this script ({rep['training_reused']}; "
+                      "`--reuse-training`): sections 1 and 2 were regenerated around it.", ""]
         lines += [f"`recipes/quickstart.yaml` (vit_c_nano on the built-in digits, 32 px) with "
                   f"the DeiT block (`{' '.join(t['overrides'])}`), {t['epochs']} epochs, seeds "
                   f"0-{len(t['runs']['ffcv']) - 1}, per path:", ""]
@@ -218,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=40, help="the quickstart recipe's own 40")
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--reuse-training", action="store_true",
+                   help="keep the training section of the existing JSON beside --out")
     p.add_argument("--out", type=Path, default=ROOT / "reports/augment_parity.md")
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args(argv)
@@ -234,7 +240,18 @@ def main(argv=None) -> int:
     rep["ops"] = op_table()
     print("distributions ...", flush=True)
     rep["distributions"] = distribution_tests()
-    if not args.skip_training:
+    if args.skip_training and args.reuse_training:
+        p.error("--skip-training or --reuse-training, not both")
+    out = args.out.resolve()
+    if args.reuse_training:
+        try:
+            old = json.loads(out.with_suffix(".json").read_text())
+            rep["training"] = old["training"]
+        except (OSError, ValueError, KeyError):
+            p.error(f"--reuse-training: no training section in {out.with_suffix('.json')}")
+        rep["training_reused"] = old.get("training_command", old["command"])
+    elif not args.skip_training:
+        rep["training_command"] = rep["command"]
         print("training ...", flush=True)
         workdir = (args.workdir or cache_dir() / "augment_parity").resolve()
         import shutil
@@ -242,7 +259,6 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         rep["training"] = training_parity(args.seeds, args.epochs, workdir)
     rep["total_s"] = time.perf_counter() - t0
-    out = args.out.resolve()
     atomic_write_json(out.with_suffix(".json"), rep)
     atomic_write_text(out, render(rep))
     print(f"wrote {out}")

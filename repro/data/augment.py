@@ -399,6 +399,8 @@ class TrainTail:
                  interpolation: str, mean, std, re_prob: float, re_mode: str, re_count: int,
                  hflip: float = 0.0, buffers: int = 2, cpu_workers: int | None = None,
                  backend: str = "auto"):
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend {backend!r}: auto or torch")
         self.policy = None
         if auto_augment:
             self.policy = AutoAugment(parse_policy(auto_augment), interpolation=interpolation,
