@@ -145,9 +145,9 @@ def render(rep: dict) -> str:
              "The reference is what the official codes of LeViT, CvT and EarlyConv ran: timm's "
              f"PIL transforms (timm {rep['versions']['timm']}, Pillow "
              f"{rep['versions']['Pillow']}). `repro.data.augment` reproduces them as batched "
-             "tensor operations after FFCV's decode and crop (the flip is theirs too); `auto` is the numba CPU "
-             "kernels (`repro.data.augment_cpu`), `torch` the torch operations a GPU runs "
-             "(here run on the CPU).", "",
+             "tensor operations after FFCV's decode and crop (the flip included); `auto` is "
+             "the numba CPU kernels (`repro.data.augment_cpu`), `torch` the torch operations a "
+             "GPU runs (here run on the CPU).", "",
              "## 1. Op by op, on photographs", "",
              "Each op at magnitudes 0, 4.5, 9, 10 and 15 (timm's level functions, both signs "
              "where timm negates), on 8 crops of scikit-learn's two photographs at 224 x 168 "

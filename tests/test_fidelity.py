@@ -72,6 +72,12 @@ def test_every_data_and_aug_key_is_consumed_or_declared(fmt, tmp_path):
             assert key in seen or key in listed or (only and only != fmt), \
                 f"{key} is neither consumed nor declared on the {fmt} path"
     assert s.loaders.not_applied == []
+    if fmt == "ffcv":  # the flip is the device augmentation's, once: none in FFCV's pipeline
+        from ffcv.transforms import RandomHorizontalFlip
+
+        ops = s.loaders.train.loader.pipeline_specs["image"].transforms
+        assert s.loaders.train.augment.hflip == 0.5
+        assert not any(isinstance(op, RandomHorizontalFlip) for op in ops), ops
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
