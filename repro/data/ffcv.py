@@ -25,9 +25,9 @@ every new Loader compiles its pipeline with numba (~10 s for the train pipeline)
 The papers' per-image augmentations (RandAugment / AutoAugment, colour jitter, random erasing)
 run after FFCV's decode and crop, as batched tensor operations on the training device
 (repro.data.augment.TrainTail, which then also does the flip, seeded); repeated augmentation
-is an ffcv order (ffcv_ops). FFCV's decoders resize with OpenCV's INTER_AREA, hard-coded in ffcv 1.0.2: the recipe's
-`data.interpolation` reaches the auto-augment ops but not the crop, a deviation the schema
-declares and `repro.recipe.path_report` lists.
+is an ffcv order (ffcv_ops). FFCV's decoders resize with OpenCV's INTER_AREA, hard-coded in
+ffcv 1.0.2: the recipe's `data.interpolation` reaches the auto-augment ops but not the crop, a
+deviation the schema declares and `repro.recipe.path_report` lists.
 """
 
 from __future__ import annotations
