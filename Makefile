@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make quickstart   install everything, then run the main job"
 	@echo "make test         install everything, then run the tests (pytest)"
-	@echo "make lint         ruff check"
+	@echo "make lint         ruff check, and lint-imports (the layers in pyproject.toml)"
 
 install: system-packages $(VENV)/.installed
 
@@ -60,6 +60,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check repro tests
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
