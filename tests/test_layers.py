@@ -25,7 +25,6 @@ PREDATING = {
     "repro.measure.profile -> repro.train.run",
     "repro.measure.verify -> repro.report.architecture",
     "repro.recipe -> repro.data.augment",
-    "repro.report.throughput -> repro.measure.throughput",
 }
 
 

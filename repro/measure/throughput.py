@@ -45,13 +45,13 @@ import torch.nn.functional as F
 
 import repro.models  # noqa: F401  (registers the papers' models with timm)
 from repro.measure.complexity import _create, count_model
+from repro.papers import paper_info
 
 QUIET_PCT = 5.0  # a window in which other processes took more of the machine is disturbed
 DEFAULT_BATCH = {"cpu": 16, "cuda": 256}
 PEAK_N = {"cpu": 2048, "cuda": 8192}  # side of the square matmul timed for MFU
 
 # facebookresearch/LeViT@3772b8e speed_test.py: the paper's timing protocol (Sec 5.1, Table 3).
-LEVIT_SOURCE = "facebookresearch/LeViT@3772b8e speed_test.py (LeViT paper Sec 5.1, Table 3)"
 LEVIT_GPU_BATCH = {"resnet50": 1024, "levit_384": 1024, "efficientnet_b0": 1024,
                    "efficientnet_b1": 1024, "efficientnet_b2": 512, "efficientnet_b3": 512,
                    "efficientnet_b4": 256}  # every other model: 2048
@@ -652,7 +652,7 @@ def apply_protocol(s: Settings, explicit: set[str]) -> Settings:
             raise BenchError(f"--protocol levit sets {key.replace('_', '-')} to {value} on "
                              f"{s.device}; drop --{key.replace('_', '-')}")
     timing = {k: v for k, v in LEVIT_TIMING.items() if k not in explicit}
-    notes = [f"protocol levit ({LEVIT_SOURCE}): " + (
+    notes = [f"protocol levit ({paper_info('levit')['timing_protocol']}): " + (
         "CPU, 1 thread, batch 16, fp32" if s.device == "cpu" else
         "GPU, AMP (fp16), batch 2048 (1024 for LeViT-384; speed_test.py's table)")
         + ", BatchNorm fused",

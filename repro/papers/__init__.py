@@ -32,7 +32,7 @@ PRETRAIN_DATA = ("in1k", "in21k", "in22k", "jft300m", "jft3b")
 
 # Field names, written as one string each so the lists stay readable.
 _PAPER_REQUIRED = tuple("key title authors year arxiv venue code units caveats rows".split())
-_PAPER_OPTIONAL = tuple("code_note flops_unit gmacs_per_unit omitted".split())
+_PAPER_OPTIONAL = tuple("code_note flops_unit gmacs_per_unit omitted timing_protocol".split())
 _ROW_REQUIRED = tuple(
     "row model timm_model resolution pretrain_data params_m gmacs top1 source".split()
 )

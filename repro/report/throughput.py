@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from repro.measure.throughput import LEVIT_SOURCE
+from repro.papers import paper_info
 
 ANCHOR = "LeViT-256"  # ratios are to this row
 XEON = "Intel Xeon Gold 6138 2.0GHz"
@@ -95,7 +95,8 @@ def render(rep: dict) -> str:
     lines += [
         "",
         f"- Paper figures: LeViT paper Table 3 (CPU columns; machines in Sec 5.1), via "
-        f"`repro/papers/levit.yaml`; protocol from {LEVIT_SOURCE}. *here vs Xeon ratio*: "
+        f"`repro/papers/levit.yaml`; protocol from {paper_info('levit')['timing_protocol']}. "
+        "*here vs Xeon ratio*: "
         f"(model / {ANCHOR} here) over (model / {ANCHOR} on the paper's Xeon) - 1. The "
         "Graviton2 column shows how far the same ratios move between two of the paper's own "
         "machines.",
