@@ -80,7 +80,7 @@ def run(src, flip, codes, matrices, alphas, tables, fill, bicubic, k1, k5, norm,
         if out8.shape[0] == n:
             _copy(cur, out8[i])
         else:
-            normalize1(cur, norm, out32[i])
+            lut1(cur, norm, out32[i])  # the normalisation is a lookup too (float32 table)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -352,7 +352,8 @@ def sharpness1(img, alpha, k1, k5, out):  # pragma: no cover (compiled)
 
 @numba.njit(cache=True, nogil=True)
 def lut1(img, table, out):  # pragma: no cover (compiled)
-    """out[y, x, b] = table[b, img[y, x, b]]."""
+    """out[y, x, b] = table[b, img[y, x, b]], for a uint8 table (the pointwise ops) or a float32
+    one (the normalisation: the 256 values per channel that the torch operations give)."""
     src = img.reshape(-1, 3)
     dst = out.reshape(-1, 3)
     t0, t1, t2 = table[0], table[1], table[2]
@@ -414,16 +415,3 @@ def _autocontrast_table(hist, table):  # pragma: no cover (compiled)
         offset = -float(lo) * scale
         for v in range(256):
             table[b, v] = np.uint8(min(max(math.trunc(v * scale + offset), 0.0), 255.0))
-
-
-@numba.njit(cache=True, nogil=True)
-def normalize1(img, table, out):  # pragma: no cover (compiled)
-    """out[..., b] = table[b, img[..., b]] (float32): normalisation by lookup in the 256 values
-    per channel that the torch operations give."""
-    src = img.reshape(-1, 3)
-    dst = out.reshape(-1, 3)
-    t0, t1, t2 = table[0], table[1], table[2]
-    for p in range(src.shape[0]):
-        dst[p, 0] = t0[src[p, 0]]
-        dst[p, 1] = t1[src[p, 1]]
-        dst[p, 2] = t2[src[p, 2]]
