@@ -180,17 +180,11 @@ def cmd_report(args) -> int:
         f" --paper {args.paper}" if args.paper else "") + f" --out {args.out}"
     atomic_write_text(out, results.render(runs, paper=args.paper, command=command, plots=plots))
     print(f"{len(runs)} run(s) -> {out} (plots in {out.parent / 'plots'})")
-    # The architecture and throughput reports are rendered from their saved JSON, never edited.
-    import json
+    # Every other report is re-rendered from its saved JSON, never edited.
+    from repro.report import rerender
 
-    from repro.report import architecture, throughput
-
-    for name, render in (("architecture", architecture.render),
-                         ("throughput_cpu", throughput.render)):
-        saved = out.parent / f"{name}.json"
-        if saved.exists():
-            atomic_write_text(saved.with_suffix(".md"), render(json.loads(saved.read_text())))
-            print(f"re-rendered {saved.with_suffix('.md')} from {saved.name}")
+    for md in rerender(out.parent):
+        print(f"re-rendered {md} from {md.with_suffix('.json').name}")
     return 0
 
 
@@ -287,26 +281,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _guarded(command: str, fn) -> int:
     """Run a subcommand; errors about the user's input become one line and exit 1."""
+    from repro.errors import UserError
+
     try:
         return fn()
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        if not _is_input_error(e):
-            raise
+    except (UserError, FileNotFoundError) as e:
         print(f"repro {command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-
-
-def _is_input_error(e: Exception) -> bool:
-    """Errors about the user's files, reported in one line (imported late: doctor needs none)."""
-    from repro.data import DataError
-    from repro.launch.slurm import SubmissionError
-    from repro.papers import PaperTableError
-    from repro.recipe import RecipeError
-    from repro.train.loop import TrainingDiverged
-    from repro.train.run import RunExists
-
-    return isinstance(e, (RecipeError, PaperTableError, DataError, TrainingDiverged,
-                          RunExists, SubmissionError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from repro.errors import UserError
+
 __all__ = [
     "Recipe",
     "RecipeError",
@@ -41,7 +43,7 @@ __all__ = [
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe problem, as one line: `FILE: KEY: what is wrong`."""
 
     def __init__(self, file: str | os.PathLike | None, key: str | None, message: str):

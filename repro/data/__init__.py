@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from repro.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data problem as one line: which path, what is wrong, how to fix it."""
 
 

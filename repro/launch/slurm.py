@@ -21,6 +21,7 @@ from typing import Any
 
 import submitit
 
+from repro.errors import UserError
 from repro.recipe import Recipe, RecipeError, load_typed
 from repro.train import rundir
 
@@ -58,7 +59,7 @@ def load_cluster(path: str | os.PathLike) -> ClusterProfile:
     return load_typed(path, ClusterProfile)
 
 
-class SubmissionError(RuntimeError):
+class SubmissionError(UserError, RuntimeError):
     """sbatch refused the job, in one line."""
 
 

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import repro.models  # noqa: F401  (registers the papers' models with timm)
+from repro.errors import UserError
 from repro.measure.complexity import _create, count_model
 from repro.papers import paper_info
 
@@ -63,7 +64,7 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 
 
-class BenchError(ValueError):
+class BenchError(UserError, ValueError):
     """Bad input to `repro bench` (unknown model, conflicting options): one line, exit 1."""
 
 

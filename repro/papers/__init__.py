@@ -16,6 +16,8 @@ from typing import Any, NoReturn
 import pandas as pd
 import yaml
 
+from repro.errors import UserError
+
 __all__ = [
     "PAPERS_DIR",
     "PaperTableError",
@@ -54,7 +56,7 @@ _COLUMNS = tuple(
 )
 
 
-class PaperTableError(ValueError):
+class PaperTableError(UserError, ValueError):
     """A paper table is malformed, or a ``paper/row`` id names nothing."""
 
 

@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 from timm.utils import dispatch_clip_grad
 
+from repro.errors import UserError
 from repro.train.distributed import DistEnv, all_reduce_sum
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import repro.models  # noqa: F401  (registers the papers' models)
 from repro.data import build_loaders
+from repro.errors import UserError
 from repro.recipe import Derived, Recipe, RecipeError, derive
 from repro.train import checkpoint, distributed, rundir
 from repro.train.loop import RunState, StepConfig, TrainingDiverged, evaluate, train_one_epoch
@@ -33,7 +34,7 @@ from repro.train.optim import (
 )
 
 
-class RunExists(RuntimeError):
+class RunExists(UserError, RuntimeError):
     """The run id names a run that has finished: relaunching would overwrite it."""
 
 
