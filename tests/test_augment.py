@@ -16,6 +16,9 @@ from timm.data import auto_augment as taa
 
 from repro.data import augment as A
 from repro.data import augment_ops as O
+from repro.data import policy as P
+from repro.data.augment_layers import policy_layers
+from repro.data.augment_pixel import posterize
 from repro.data.folder import _posterize, train_transform
 from repro.recipe import RecipeError, load_recipe
 
@@ -97,7 +100,7 @@ def test_ci_runs_both_backends():
 
 def test_posterize_zero_bits_is_black_as_before_pillow_13():
     imgs = photos(2)
-    ours = O.posterize(as_batch(imgs), torch.zeros(2, dtype=torch.float64), {})
+    ours = posterize(as_batch(imgs), torch.zeros(2, dtype=torch.float64), {})
     assert int(ours.max()) == 0
     for img in imgs:
         with pytest.raises(ValueError):  # the Pillow 13 behaviour the folder path repairs
@@ -218,8 +221,9 @@ def distribution_tests(spec: str, draws: int) -> dict:
     signed ops' arguments; two-sample Kolmogorov-Smirnov on each op's argument. Each p-value
     comes with a label naming what it tests (benchmarks/augment_parity.py reports them)."""
     calls, t_applied, t_args = timm_draws(spec, draws)
-    policy = A.parse_policy(spec)
-    layers = policy.draw(draws, torch.Generator().manual_seed(0), {"translate_const": 100})
+    policy = P.parse_policy(spec)
+    layers = policy_layers(policy, draws, torch.Generator().manual_seed(0),
+                           {"translate_const": 100})
     names = policy.names
     out = {"choice": [], "applied": [], "argument": []}
     for j, layer in enumerate(layers):
@@ -270,20 +274,20 @@ def test_policy_draws_match_timm_in_distribution(spec):
 
 
 def test_policy_strings_parse_as_timm_reads_them():
-    p = A.parse_policy("rand-m9-mstd0.5-inc1")
+    p = P.parse_policy("rand-m9-mstd0.5-inc1")
     assert (p.kind, p.num_layers, p.magnitude, p.magnitude_std, p.prob) == ("rand", 2, 9, 0.5,
                                                                             0.5)
-    assert p.names == A.RAND_INCREASING_TRANSFORMS
-    p = A.parse_policy("rand-n2-m15-mmax15")
-    assert (p.magnitude, p.magnitude_max, p.names) == (15, 15, A.RAND_TRANSFORMS)
-    assert A.parse_policy("rand-mstd101").magnitude_std == float("inf")
-    assert A.parse_policy("rand-tweights").weights is not None
-    assert A.parse_policy("v0").sub_policies[0] == (("Equalize", 0.8, 1), ("ShearY", 0.8, 4))
+    assert p.names == P.RAND_INCREASING_TRANSFORMS
+    p = P.parse_policy("rand-n2-m15-mmax15")
+    assert (p.magnitude, p.magnitude_max, p.names) == (15, 15, P.RAND_TRANSFORMS)
+    assert P.parse_policy("rand-mstd101").magnitude_std == float("inf")
+    assert P.parse_policy("rand-tweights").weights is not None
+    assert P.parse_policy("v0").sub_policies[0] == (("Equalize", 0.8, 1), ("ShearY", 0.8, 4))
     for bad, says in (("rand-q3", "unknown RandAugment section"), ("v9", "unknown policy"),
                       ("augmix-m5", "AugMix"), ("rand-t3a", "Gaussian blur"),
                       ("v0-m3", "unknown AutoAugment section")):
         with pytest.raises(ValueError, match=says):
-            A.parse_policy(bad)
+            P.parse_policy(bad)
 
 
 def test_bad_policy_in_a_recipe_is_a_one_line_error():

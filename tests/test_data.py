@@ -74,7 +74,7 @@ def converted(hostile, tmp_path_factory) -> tuple[Path, dict]:
 def test_default_name_records_the_writer_settings(converted):
     beton, _ = converted
     assert beton.name == "train_full_0.00_90.beton"
-    from repro.data.convert import default_name
+    from repro.data.beton import default_name
 
     assert default_name("/x/train", 500, 0.5, 90) == "train_500_0.50_90.beton"  # ffcv-imagenet
 
@@ -400,7 +400,8 @@ def test_evaluation_gives_the_model_the_protocols_image_on_both_paths(val_jpegs,
                                                                       interp):
     """Per image: PIL Resize(int(32 / 0.875), interp) + CenterCrop(32) of the source JPEG is
     what reaches the model, through an eval-protocol .beton and through the folder loader."""
-    from repro.data.convert import convert, eval_protocol_of, load_rgb, read_sidecar
+    from repro.data.beton import eval_protocol_of, read_sidecar
+    from repro.data.convert import convert, load_rgb
     from repro.data.folder import eval_resize_crop
 
     record = convert(val_jpegs, f"{tmp_path}/", eval_protocol=(32, 0.875, interp), workers=1,

@@ -8,14 +8,10 @@ training device (the GPU on a cluster; the CPU here), before normalisation.
 
 Semantics are timm's, op for op, and each sample draws its own ops, application and magnitudes:
 
-- the policy string is parsed as timm parses it (`n`, `m`, `mstd`, `mmax`, `inc`, `p`, `t` for
-  RandAugment; `mstd` for AutoAugment), with timm's op sets (`_RAND_TRANSFORMS`,
-  `_RAND_INCREASING_TRANSFORMS` for `inc1`, the weighted set for `tweights`) and policies;
-- RandAugment picks `n` ops uniformly with replacement (weighted without replacement for
-  `tweights`, as numpy's `choice` does), AutoAugment one sub-policy uniformly; each op then
-  applies with its probability, its magnitude gets Gaussian noise (`mstd`; uniform for
-  `mstd` > 100) and is clipped to [0, `mmax` or 10], and timm's level functions turn it into the
-  op's argument (with the random sign, the int truncations and the `_LEVEL_DENOM` of 10);
+- the policy string is parsed as timm parses it, with timm's op sets and policies
+  (repro.data.policy);
+- each sample draws its ops, their application, magnitudes and signs as timm does
+  (repro.data.augment_layers);
 - each op reproduces PIL's arithmetic (Pillow 13): `Image.blend`'s float32 blend and truncation
   for colour / contrast / brightness / sharpness, ITU-R 601 luma in fixed point (`L24`), the
   SMOOTH 3x3 filter in float32 with its untouched border, the exact LUTs of `ImageOps`
@@ -25,9 +21,10 @@ Semantics are timm's, op for op, and each sample draws its own ops, application 
   normalisation mean in uint8, (124, 116, 104) for ImageNet) outside the source;
 - posterize to 0 bits gives a black image, as Pillow < 13 and TensorFlow do (Pillow 13 raises).
 
-The ops themselves are in repro.data.augment_ops (torch operations; for CPU batches the numba
-kernels of repro.data.augment_cpu); this module parses and draws the policies and applies them.
-Parity with timm's PIL ops is tested op by op (tests/test_augment.py) and reported in
+The ops are named in repro.data.augment_ops (torch operations in augment_pixel and
+augment_affine; for CPU batches the numba kernels of repro.data.augment_cpu). This module holds
+what the loaders use: `auto_augment`, `color_jitter` and `TrainTail`, the whole training tail
+after FFCV. Parity with timm's PIL ops is tested op by op (tests/test_augment.py) and reported in
 `reports/augment_parity.md` (benchmarks/augment_parity.py).
 
 Not supported (a clear error): AugMix, and the `3a` sets' GaussianBlur ops, whose PIL
@@ -36,230 +33,14 @@ implementation has no exact tensor counterpart here.
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
-
 import torch
 
-from repro.data.augment_ops import LEVEL_DENOM, OPS, cpu_kernels, cpu_run
+from repro.data.augment_layers import Layer, apply_layers, jitter_layers, policy_layers, steps
+from repro.data.augment_ops import cpu_kernels, cpu_run
+from repro.data.policy import Policy, parse_policy
 
-__all__ = ["auto_augment", "Policy", "Layer", "parse_policy", "OPS", "fill_color", "TrainTail",
-           "apply_layers", "color_jitter"]
-
-
-# timm 1.0.31 auto_augment.py: the RandAugment op sets and policies, by name.
-RAND_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
-                   "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
-                   "ShearY", "TranslateXRel", "TranslateYRel")
-RAND_INCREASING_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate",
-                              "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
-                              "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-                              "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
-                              "TranslateYRel")
-RAND_WEIGHTED_0 = {"Rotate": 3, "ShearX": 2, "ShearY": 2, "TranslateXRel": 1,
-                   "TranslateYRel": 1, "ColorIncreasing": .25, "SharpnessIncreasing": 0.25,
-                   "AutoContrast": 0.25, "SolarizeIncreasing": .05, "SolarizeAdd": .05,
-                   "ContrastIncreasing": .05, "BrightnessIncreasing": .05, "Equalize": .05,
-                   "PosterizeIncreasing": 0.05, "Invert": 0.05}
-
-_V0 = (
-    (("Equalize", 0.8, 1), ("ShearY", 0.8, 4)), (("Color", 0.4, 9), ("Equalize", 0.6, 3)),
-    (("Color", 0.4, 1), ("Rotate", 0.6, 8)), (("Solarize", 0.8, 3), ("Equalize", 0.4, 7)),
-    (("Solarize", 0.4, 2), ("Solarize", 0.6, 2)), (("Color", 0.2, 0), ("Equalize", 0.8, 8)),
-    (("Equalize", 0.4, 8), ("SolarizeAdd", 0.8, 3)), (("ShearX", 0.2, 9), ("Rotate", 0.6, 8)),
-    (("Color", 0.6, 1), ("Equalize", 1.0, 2)), (("Invert", 0.4, 9), ("Rotate", 0.6, 0)),
-    (("Equalize", 1.0, 9), ("ShearY", 0.6, 3)), (("Color", 0.4, 7), ("Equalize", 0.6, 0)),
-    (("Posterize", 0.4, 6), ("AutoContrast", 0.4, 7)), (("Solarize", 0.6, 8), ("Color", 0.6, 9)),
-    (("Solarize", 0.2, 4), ("Rotate", 0.8, 9)), (("Rotate", 1.0, 7), ("TranslateYRel", 0.8, 9)),
-    (("ShearX", 0.0, 0), ("Solarize", 0.8, 4)), (("ShearY", 0.8, 0), ("Color", 0.6, 4)),
-    (("Color", 1.0, 0), ("Rotate", 0.6, 2)), (("Equalize", 0.8, 4), ("Equalize", 0.0, 8)),
-    (("Equalize", 1.0, 4), ("AutoContrast", 0.6, 2)),
-    (("ShearY", 0.4, 7), ("SolarizeAdd", 0.6, 7)),
-    (("Posterize", 0.8, 2), ("Solarize", 0.6, 10)),
-    (("Solarize", 0.6, 8), ("Equalize", 0.6, 1)), (("Color", 0.8, 6), ("Rotate", 0.4, 5)),
-)
-_ORIGINAL = (
-    (("PosterizeOriginal", 0.4, 8), ("Rotate", 0.6, 9)),
-    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
-    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)),
-    (("PosterizeOriginal", 0.6, 7), ("PosterizeOriginal", 0.6, 6)),
-    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)), (("Equalize", 0.4, 4), ("Rotate", 0.8, 8)),
-    (("Solarize", 0.6, 3), ("Equalize", 0.6, 7)),
-    (("PosterizeOriginal", 0.8, 5), ("Equalize", 1.0, 2)),
-    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
-    (("Equalize", 0.6, 8), ("PosterizeOriginal", 0.4, 6)),
-    (("Rotate", 0.8, 8), ("Color", 0.4, 0)), (("Rotate", 0.4, 9), ("Equalize", 0.6, 2)),
-    (("Equalize", 0.0, 7), ("Equalize", 0.8, 8)), (("Invert", 0.6, 4), ("Equalize", 1.0, 8)),
-    (("Color", 0.6, 4), ("Contrast", 1.0, 8)), (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
-    (("Color", 0.8, 8), ("Solarize", 0.8, 7)), (("Sharpness", 0.4, 7), ("Invert", 0.6, 8)),
-    (("ShearX", 0.6, 5), ("Equalize", 1.0, 9)), (("Color", 0.4, 0), ("Equalize", 0.6, 3)),
-    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)),
-    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
-    (("Invert", 0.6, 4), ("Equalize", 1.0, 8)), (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
-    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)),
-)
-
-
-def _research_posterize(policy):
-    """timm's `v0r` / `originalr`: the same policies with PosterizeIncreasing."""
-    return tuple(tuple(("PosterizeIncreasing" if n.startswith("Posterize") else n, p, m)
-                       for n, p, m in sub) for sub in policy)
-
-
-AA_POLICIES = {"v0": _V0, "v0r": _research_posterize(_V0), "original": _ORIGINAL,
-               "originalr": _research_posterize(_ORIGINAL)}
-
-
-# --------------------------------------------------------------------------------------------
-# Policies: parsing timm's strings, drawing per sample.
-
-@dataclass
-class Layer:
-    """What one layer of the policy drew for a batch: per sample, the op (an index into
-    `names`), whether it applies, its clipped magnitude and its argument."""
-
-    names: tuple[str, ...]
-    op: torch.Tensor  # int64, n
-    applied: torch.Tensor  # bool, n
-    magnitude: torch.Tensor  # float64, n (after noise and clipping)
-    arg: torch.Tensor  # float64, n (the level function's output; 0 for argument-free ops)
-
-    def __getitem__(self, part: slice) -> Layer:
-        """These samples' draws."""
-        return Layer(self.names, self.op[part], self.applied[part], self.magnitude[part],
-                     self.arg[part])
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A parsed timm auto-augment string."""
-
-    spec: str
-    kind: str  # "rand" or "auto"
-    names: tuple[str, ...]  # rand: the op set; auto: every op name the policy uses
-    num_layers: int
-    prob: float  # rand: per-op probability
-    magnitude: float  # rand: magnitude
-    magnitude_std: float
-    magnitude_max: float | None
-    weights: tuple[float, ...] | None = None  # rand: choice weights (without replacement)
-    sub_policies: tuple = ()  # auto: ((name, prob, magnitude), ...) per sub-policy
-
-    def draw(self, n: int, generator: torch.Generator | None = None,
-             hparams: dict | None = None) -> list[Layer]:
-        """Draw ops, application, magnitudes and arguments for n samples (on the CPU)."""
-        g = generator
-        hp = hparams or {"translate_const": 100}
-        L = self.num_layers
-        if self.kind == "rand":
-            if self.weights is None:
-                op = torch.randint(len(self.names), (n, L), generator=g)
-            else:
-                w = torch.tensor(self.weights, dtype=torch.float64).expand(n, -1)
-                op = torch.multinomial(w, L, replacement=False, generator=g)
-            prob = torch.full((n, L), self.prob, dtype=torch.float64)
-            mag = torch.full((n, L), float(self.magnitude), dtype=torch.float64)
-            names = self.names
-        else:
-            sub = torch.randint(len(self.sub_policies), (n,), generator=g)
-            names = self.names
-            index = {name: i for i, name in enumerate(names)}
-            table_op = torch.tensor([[index[o[0]] for o in s] for s in self.sub_policies])
-            table_p = torch.tensor([[o[1] for o in s] for s in self.sub_policies],
-                                   dtype=torch.float64)
-            table_m = torch.tensor([[float(o[2]) for o in s] for s in self.sub_policies],
-                                   dtype=torch.float64)
-            op, prob, mag = table_op[sub], table_p[sub], table_m[sub]
-        # timm draws: random() > prob skips; gauss / uniform magnitude noise; random() > 0.5
-        # negates. Drawn for every (sample, layer), used where they apply.
-        u = torch.rand((n, L), generator=g, dtype=torch.float64)
-        applied = ~((prob < 1.0) & (u > prob))
-        if self.magnitude_std == math.inf:
-            mag = torch.rand((n, L), generator=g, dtype=torch.float64) * mag
-        elif self.magnitude_std > 0:
-            mag = mag + self.magnitude_std * torch.randn((n, L), generator=g,
-                                                         dtype=torch.float64)
-        mag = mag.clamp(0.0, self.magnitude_max or LEVEL_DENOM)
-        sign = torch.where(torch.rand((n, L), generator=g, dtype=torch.float64) > 0.5, -1.0, 1.0)
-        layers = []
-        for j in range(L):
-            arg = torch.zeros(n, dtype=torch.float64)
-            for k, name in enumerate(names):
-                sel = op[:, j] == k
-                level_fn = OPS[name].level_fn
-                if sel.any() and level_fn is not None:
-                    arg[sel] = level_fn(mag[sel, j], sign[sel, j], hp)
-            layers.append(Layer(names, op[:, j], applied[:, j], mag[:, j], arg))
-        return layers
-
-
-def parse_policy(spec: str) -> Policy:
-    """A timm auto-augment string -> Policy; a ValueError naming the part it cannot read."""
-    parts = spec.split("-")
-    head, rest = parts[0], parts[1:]
-    if head == "rand":
-        magnitude, num_layers, prob, increasing = int(LEVEL_DENOM), 2, 0.5, False
-        mstd, mmax, tset = 0.0, None, None
-        for c in rest:
-            if c.startswith("t"):
-                tset = c[1:]
-                continue
-            key, val = _split(c, spec)
-            if key is None:
-                continue
-            if key == "mstd":
-                mstd = float(val)
-                mstd = math.inf if mstd > 100 else mstd
-            elif key == "mmax":
-                mmax = int(val)
-            elif key == "inc":
-                increasing = bool(int(val))
-            elif key == "m":
-                magnitude = int(val)
-            elif key == "n":
-                num_layers = int(val)
-            elif key == "p":
-                prob = float(val)
-            else:
-                raise ValueError(f"auto-augment {spec!r}: unknown RandAugment section {c!r}")
-        weights = None
-        if tset == "weights":
-            names, weights = tuple(RAND_WEIGHTED_0), tuple(RAND_WEIGHTED_0.values())
-            total = sum(weights)
-            weights = tuple(w / total for w in weights)
-        elif tset in (None, ""):
-            names = RAND_INCREASING_TRANSFORMS if increasing else RAND_TRANSFORMS
-        elif tset in ("3a", "3aw"):
-            raise ValueError(f"auto-augment {spec!r}: the 3-Augment sets need PIL's Gaussian "
-                             "blur, which has no exact tensor counterpart here")
-        else:
-            names = RAND_INCREASING_TRANSFORMS if increasing else RAND_TRANSFORMS
-        return Policy(spec, "rand", tuple(names), num_layers, prob, magnitude, mstd, mmax,
-                      weights)
-    if head.startswith("augmix"):
-        raise ValueError(f"auto-augment {spec!r}: AugMix is not supported on the device path")
-    if head not in AA_POLICIES:
-        raise ValueError(f"auto-augment {spec!r}: unknown policy {head!r} (rand-..., "
-                         f"{', '.join(AA_POLICIES)})")
-    mstd = 0.0
-    for c in rest:
-        key, val = _split(c, spec)
-        if key is None:
-            continue
-        if key != "mstd":
-            raise ValueError(f"auto-augment {spec!r}: unknown AutoAugment section {c!r}")
-        mstd = float(val)
-    subs = AA_POLICIES[head]
-    names = tuple(dict.fromkeys(o[0] for s in subs for o in s))
-    return Policy(spec, "auto", names, len(subs[0]), 1.0, 0.0, mstd, None, None, subs)
-
-
-def _split(section: str, spec: str):
-    cs = re.split(r"(\d.*)", section)
-    if len(cs) < 2:
-        return None, None
-    return cs[0], cs[1]
+__all__ = ["auto_augment", "AutoAugment", "fill_color", "color_jitter", "TrainTail",
+           "batch_seed"]
 
 
 def fill_color(mean) -> tuple[int, ...]:
@@ -295,40 +76,10 @@ class AutoAugment:
                             f"{images.dtype} {tuple(images.shape)}")
         n, _, h, w = images.shape
         hp = self.hparams(h, w, images.device)
-        return apply_layers(images, self.policy.draw(n, generator, hp), hp)
+        return apply_layers(images, policy_layers(self.policy, n, generator, hp), hp)
 
     def __repr__(self) -> str:
         return f"AutoAugment({self.policy.spec!r}, interpolation={self.interpolation})"
-
-
-def apply_layers(images: torch.Tensor, layers: list[Layer], hp: dict) -> torch.Tensor:
-    """Apply drawn layers to a uint8 N x 3 x H x W batch, in order.
-
-    A CPU batch goes through the kernels of repro.data.augment_cpu image by image, all its ops
-    in one call (augment_ops.cpu_run). Otherwise each op runs once per layer, as torch
-    operations, on the samples it hit; the batch is held as N x H x W x 3 (channels_last
-    memory), so that taking those samples and putting them back are whole-image copies."""
-    if cpu_kernels(images, hp) is not None:
-        return cpu_run(images, steps(layers), hp)
-    x = images.permute(0, 2, 3, 1).contiguous().clone()  # our own copy, channels last
-    n, h, w, c = x.shape
-    rows = x.view(n, h * w * c)  # index_select over whole rows is a memcpy per image
-    dev = x.device
-    for layer in layers:
-        for k, name in enumerate(layer.names):
-            hit = torch.nonzero((layer.op == k) & layer.applied).flatten()
-            if hit.numel() == 0:
-                continue
-            sub = rows.index_select(0, hit.to(dev)).view(-1, h, w, c).permute(0, 3, 1, 2)
-            out = OPS[name].fn(sub, layer.arg[hit].to(dev), hp).permute(0, 2, 3, 1)
-            for j, i in enumerate(hit.tolist()):  # (index_copy_ is elementwise here)
-                x[i].copy_(out[j])
-    return x.permute(0, 3, 1, 2)
-
-
-def steps(layers: list[Layer]) -> list[tuple]:
-    """Drawn layers as augment_ops.cpu_run takes them."""
-    return [(x.names, x.op, x.applied, x.arg) for x in layers]
 
 
 def auto_augment(spec: str, *, interpolation: str, mean, backend: str = "auto") -> AutoAugment:
@@ -348,27 +99,6 @@ def auto_augment(spec: str, *, interpolation: str, mean, backend: str = "auto") 
 
 # --------------------------------------------------------------------------------------------
 # Colour jitter and the whole training tail after FFCV.
-
-JITTER_OPS = ("Brightness", "Contrast", "Color")  # torchvision's fn_idx 0, 1, 2 (3, hue, off)
-
-
-def jitter_layers(n: int, strength: float, generator: torch.Generator | None = None
-                  ) -> list[Layer]:
-    """torchvision's `ColorJitter(s, s, s)` as timm builds it from a scalar (no hue), drawn per
-    sample as four layers: brightness, contrast and saturation factors uniform in
-    [max(0, 1 - s), 1 + s], applied in a random order (layer k applies op order[k]; the fourth
-    op, hue, is off). On PIL images those are ImageEnhance's Brightness / Contrast / Color, the
-    ops of augment_ops."""
-    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
-    order = torch.rand((n, 4), generator=generator).argsort(dim=1)  # randperm(4) per sample
-    factors = lo + (hi - lo) * torch.rand((n, 3), generator=generator, dtype=torch.float64)
-    layers = []
-    for k in range(4):
-        op = order[:, k]
-        arg = factors.gather(1, op.clamp(max=2)[:, None])[:, 0]
-        layers.append(Layer(JITTER_OPS, op, op < 3, arg, arg))
-    return layers
-
 
 def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
@@ -456,7 +186,7 @@ class TrainTail:
         flip = (torch.rand(n, generator=g) < self.hflip if self.hflip > 0
                 else torch.zeros(n, dtype=torch.bool))
         if self.policy is not None:
-            return flip, self.policy.policy.draw(n, g, hp)
+            return flip, policy_layers(self.policy.policy, n, g, hp)
         if self.jitter is not None:
             return flip, jitter_layers(n, self.jitter, g)
         return flip, []

@@ -78,7 +78,7 @@ def ensure_digits(size: int = 32, cache: str | os.PathLike | None = None,
             shutil.rmtree(root, ignore_errors=True)
         os.replace(tmp, root)
         if with_beton:  # the conversion records name the temporary directory: point them home
-            from repro.data.convert import read_sidecar, sidecar_path
+            from repro.data.beton import read_sidecar, sidecar_path
             from repro.io import atomic_write_json
 
             for split_dir, beton in ((paths.train_dir, paths.train_beton),

@@ -22,9 +22,7 @@ the end: an interrupted conversion leaves no destination file behind.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -33,43 +31,17 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from repro.data import DataError
+from repro.data.beton import (
+    default_name,
+    eval_protocol_of,  # noqa: F401  (re-exported until launch/plan.py imports it from beton)
+    protocol,
+    protocol_name,
+    sidecar_path,
+)
+from repro.data.ffcv import import_ffcv
 from repro.io import atomic_write_json
 
 DEFAULTS = {"max_res": 500, "quality": 90, "compress_prob": 0.5}
-
-
-def default_name(src: str | os.PathLike, max_res: int | None, compress_prob: float,
-                 quality: int) -> str:
-    """ffcv-imagenet's naming: split, max side, compress probability, JPEG quality."""
-    return f"{Path(src).name}_{max_res or 'full'}_{compress_prob:.2f}_{quality}.beton"
-
-
-def protocol_name(src: str | os.PathLike, res: int, crop_pct: float, interpolation: str) -> str:
-    """An eval-protocol file's name: split, resolution, crop fraction, interpolation."""
-    return f"{Path(src).name}_{res}_{crop_pct:g}_{interpolation}.beton"
-
-
-_PROTOCOL_NAME = re.compile(r"_(\d+)_([0-9.]+)_(bilinear|bicubic)\.beton$")
-
-
-def eval_protocol_of(beton: str | os.PathLike) -> dict | None:
-    """The eval protocol a .beton was written with: from its sidecar when it exists, else
-    from a protocol name (a file not yet written); None for a training-style file."""
-    side = read_sidecar(beton)
-    if side is not None:
-        return side.get("eval_protocol")
-    m = _PROTOCOL_NAME.search(str(beton))
-    if m is None:
-        return None
-    return {"resolution": int(m[1]), "crop_pct": float(m[2]), "interpolation": m[3]}
-
-
-def protocol(res: int, crop_pct: float, interpolation: str) -> dict:
-    return {"resolution": int(res), "crop_pct": float(crop_pct), "interpolation": interpolation}
-
-
-def sidecar_path(beton: str | os.PathLike) -> Path:
-    return Path(f"{beton}.json")
 
 
 def list_images(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -139,8 +111,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
     `protocol_name` for an `eval_protocol` file (module doc).
     """
     from tqdm import tqdm
-
-    from repro.data.ffcv import import_ffcv
 
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
@@ -220,9 +190,3 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
         tmp.unlink(missing_ok=True)
         raise
     return record
-
-
-def read_sidecar(beton: str | os.PathLike) -> dict | None:
-    """The conversion record beside a .beton, if there is one."""
-    path = sidecar_path(beton)
-    return json.loads(path.read_text()) if path.exists() else None

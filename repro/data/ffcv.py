@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from repro.data import DataError, Loaders
-from repro.data.convert import eval_protocol_of, protocol, read_sidecar
+from repro.data.beton import eval_protocol_of, protocol, read_sidecar
 
 _PATCHED = False
 
