@@ -32,7 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from repro.measure import throughput as tp
-from repro.report.throughput import ANCHOR, GRAVITON, XEON, render
+from repro.measure.cpuload import wait_for_quiet
+from repro.measure.steps import count_gmacs, figure_settings, matmul_item
+from repro.measure.timing import Item, interleave, ratio
+from repro.models import create
+from repro.report.throughput import ANCHOR, GRAVITON, XEON, describe_fusion, render
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "reports" / "throughput_cpu.md"
@@ -94,7 +98,7 @@ def time_levit(args, paper: dict) -> dict:
     for name in LEVIT_ROWS + REFERENCE_ROWS:
         pr, r = paper[name], by_model[paper[name]["timm_model"]]
         here = r["throughput/images_per_s"]
-        q = tp.ratio(raw, r["label"], anchor)
+        q = ratio(raw, r["label"], anchor)
         rows.append({
             "row": name, "model": r["model"], "gmacs": r["gmacs"], "paper_xeon": pr["xeon"],
             "paper_graviton": pr["graviton"], "here": here,
@@ -104,7 +108,7 @@ def time_levit(args, paper: dict) -> dict:
             "ratio_here_max": q["per_round_max"],
             "ratio_xeon": pr["xeon"] / paper[ANCHOR]["xeon"],
             "ratio_graviton": pr["graviton"] / paper[ANCHOR]["graviton"],
-            "mfu_pct": r["mfu_pct"], "fusion": tp.describe_fusion(r["fusion"]),
+            "mfu_pct": r["mfu_pct"], "fusion": describe_fusion(r["fusion"]),
             "others_pct_max": r["timing"]["others_pct_max"], "source": pr["source"]})
     for row in rows:
         row["ratio_diff"] = row["ratio_here"] / row["ratio_xeon"] - 1
@@ -120,18 +124,17 @@ def time_levit(args, paper: dict) -> dict:
 # Part 2: the trainer's step vs a plain step
 
 
-def trainer_items(args) -> tuple[list[tp.Item], dict]:
+def trainer_items(args) -> tuple[list[Item], dict]:
     """Two copies of one model, one optimizer each, the same synthetic batches."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
-    from repro.measure.complexity import _create
     from repro.train.distributed import DistEnv
     from repro.train.loop import RunState, StepConfig, train_one_epoch
     from repro.train.optim import DistillationLoss
 
     torch.manual_seed(0)
-    plain_model = _create(args.train_model, args.train_res)
+    plain_model = create(args.train_model, args.train_res)
     trainer_model = copy.deepcopy(plain_model)
     classes = plain_model.num_classes
     gen = torch.Generator().manual_seed(0)
@@ -167,14 +170,14 @@ def trainer_items(args) -> tuple[list[tp.Item], dict]:
                         steps=k)
         return k * args.train_batch
 
-    gmacs, params = tp.count_gmacs(args.train_model, args.train_res, {})
+    gmacs, params = count_gmacs(args.train_model, args.train_res, {})
     info = {"model": args.train_model, "res": args.train_res, "batch": args.train_batch,
             "gmacs": gmacs, "params_m": params / 1e6, "optimizer": "timm create_optimizer_v2 "
             "adamw, lr 1e-3, wd 0.05 (both)", "batches": f"{len(batches)} synthetic, cycled",
             "trainer_config": "StepConfig(accum_steps=1, amp none, no mixup/EMA/clip/scaler, "
             "log_every 50), CosineLRScheduler per step, DistillationLoss(kind none)"}
-    return [tp.Item("plain loop", plain, group="train"),
-            tp.Item("repro train_one_epoch", trainer, group="train")], info
+    return [Item("plain loop", plain, group="train"),
+            Item("repro train_one_epoch", trainer, group="train")], info
 
 
 def time_trainer(args) -> dict:
@@ -190,14 +193,14 @@ def time_trainer(args) -> dict:
         for item in items:
             item.info = {**info, "label": item.key, "role": item.key, "fusion": None,
                          "flops_per_image": 3 * 2 * info["gmacs"] * 1e9,
-                         **tp.figure_settings(s, args.train_batch)}
-        peak = tp.matmul_item("cpu", torch.float32)
-        raw, budget_left = tp.interleave([*items, peak], s)
+                         **figure_settings(s, args.train_batch)}
+        peak = matmul_item("cpu", torch.float32)
+        raw, budget_left = interleave([*items, peak], s)
         record = tp.summarise_run(items, peak, raw, s)
         record["retry_budget_left_s"] = budget_left
     finally:
         torch.set_num_threads(threads_before)
-    record["ratio"] = tp.ratio(raw, "repro train_one_epoch", "plain loop")
+    record["ratio"] = ratio(raw, "repro train_one_epoch", "plain loop")
     record["info"] = info
     return record
 
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
 
     paper = paper_rows()
     print(f"waiting up to {args.initial_wait_s:g} s for a quiet machine ...", flush=True)
-    initial = tp.wait_for_quiet(args.initial_wait_s)
+    initial = wait_for_quiet(args.initial_wait_s)
     print("1. LeViT CPU protocol", flush=True)
     levit = time_levit(args, paper)
     print("2. trainer vs plain step", flush=True)

@@ -1,16 +1,22 @@
-"""`repro bench` (repro.measure.throughput): figures, recorded settings, protocol, BN folding."""
+"""`repro bench` (repro.bench, repro.measure.throughput): figures, recorded settings, protocol,
+BN folding; the interleaved timing and machine facts it shares with the benchmarks."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
+from repro import bench as cli
+from repro.measure import machine, steps, timing
 from repro.measure import throughput as tp
+from repro.measure.fuse import fuse_bn
 
 TINY = ["--warmup-s", "0.05", "--window-s", "0.05", "--repeats", "2", "--attempts", "1"]
 
@@ -27,7 +33,7 @@ def one_thread():
 def _bench(tmp_path, *args: str) -> dict:
     """Run `repro bench` in-process on tiny windows; its JSON record."""
     out = tmp_path / "bench.json"
-    assert tp.run_cli([*args, *TINY, "--json", str(out)]) == 0
+    assert cli.run_cli([*args, *TINY, "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -65,7 +71,8 @@ def test_bench_records_positive_figures_and_settings(tmp_path):
     assert {"timed_windows", "max_pct", "quiet"} <= set(rec["other_load"])
     assert rec["machine"]["cpu_count"] >= 1 and rec["versions"]["torch"] == torch.__version__
     md = (tmp_path / "bench.md").read_text()
-    assert "Regenerate with `repro bench vit_c_nano" in md and "| vit_c_nano |" in md
+    assert "Regenerate with `repro bench vit_c_nano" in md
+    assert re.search(r"^\| vit_c_nano +\| +target +\|", md, re.M)
 
 
 def test_train_mode_times_a_training_step(tmp_path):
@@ -90,13 +97,13 @@ def test_protocol_levit_sets_one_thread_and_batch_16_on_cpu(tmp_path):
 
 
 def test_protocol_levit_refuses_a_contradicting_option(capsys):
-    assert tp.run_cli(["vit_c_nano", "--protocol", "levit", "--threads", "2",
-                       "--device", "cpu"]) == 1
+    assert cli.run_cli(["vit_c_nano", "--protocol", "levit", "--threads", "2",
+                        "--device", "cpu"]) == 1
     assert "--protocol levit sets threads to 1" in capsys.readouterr().err
 
 
 def test_unknown_model_is_a_one_line_error(capsys):
-    assert tp.run_cli(["no_such_model_xyz", "--device", "cpu"]) == 1
+    assert cli.run_cli(["no_such_model_xyz", "--device", "cpu"]) == 1
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 
@@ -140,7 +147,7 @@ def test_fuse_bn_leaves_outputs_unchanged(make, pairs, method, left):
     x = torch.randn(2, 3, 16, 16).abs()
     with torch.no_grad():
         before = model(x)
-        record = tp.fuse_bn(model)
+        record = fuse_bn(model)
         after = model(x)
     assert (record["conv_bn_pairs"], record["pair_method"], record["batchnorm_left"]) == (
         pairs, method, left)
@@ -154,7 +161,7 @@ def test_fuse_bn_uses_levits_own_fuse():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
-        record = tp.fuse_bn(model)
+        record = fuse_bn(model)
         after = model(x)
     assert set(record["fuse_methods"]) == {"ConvNorm", "LinearNorm", "NormLinear"}
     assert record["batchnorm_left"] == 0
@@ -168,8 +175,50 @@ def test_out_of_memory_halves_the_batch(monkeypatch):
                 raise RuntimeError("CUDA out of memory. Tried to allocate 1 TiB")
             return super().forward(x.flatten(1))
 
-    monkeypatch.setattr(tp, "_create", lambda name, res, **kw: Hungry(3 * res * res, 10))
-    monkeypatch.setattr(tp, "count_gmacs", lambda name, res, kw: (1e-6, 100))
-    item = tp.model_item(tp.Target("hungry", "hungry", 4, 8), tp.Settings(), log=lambda m: None)
+    monkeypatch.setattr(steps, "create", lambda name, res, **kw: Hungry(3 * res * res, 10))
+    monkeypatch.setattr(steps, "count_gmacs", lambda name, res, kw: (1e-6, 100))
+    item = steps.model_item(tp.Target("hungry", "hungry", 4, 8), tp.Settings(), log=lambda m: None)
     assert (item.info["batch_requested"], item.info["batch"]) == (8, 2)
     assert item.run(3) == 6
+
+
+def test_interleave_rotates_and_keeps_what_an_item_reports():
+    """The timing the benchmarks share: rounds rotate, a group times the same steps, and facts
+    an item returns beside its units stay with the warm-up and each window."""
+    calls = []
+
+    def counter(key: str, per_step: float, facts: bool = False):
+        def run(k: int):
+            calls.append(key)
+            return {"units": k * per_step, "note": key} if facts else k * per_step
+        return run
+
+    items = [timing.Item("a", counter("a", 4, facts=True), group="g"),
+             timing.Item("b", counter("b", 2), group="g"), timing.Item("c", counter("c", 1))]
+    plan = timing.Plan(warmup_s=0.0, warmup_steps=1, window_s=0.0, repeats=3, attempts=1)
+    raw, _ = timing.interleave(items, plan, log=lambda m: None)
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # after 3 warm-ups
+    assert raw["a"]["warmup"]["note"] == "a" and raw["a"]["warmup"]["units"] == 4
+    assert [w["note"] for w in raw["a"]["windows"]] == ["a"] * 3
+    assert "note" not in raw["b"]["windows"][0]
+    assert [w["round"] for w in timing.used_windows(raw["c"])] == [0, 1, 2]
+    q = timing.ratio(raw, "a", "b")
+    assert q["per_round_min"] <= q["of_medians"] <= q["per_round_max"]
+    assert timing.other_load(raw, list(raw), plan.quiet_pct)["timed_windows"] == 9
+
+
+def test_run_facts_keep_env_json_keys():
+    facts = machine.run_facts("cpu")
+    assert set(facts) == {"versions", "git", "hardware"}
+    assert facts["versions"]["torch"] == torch.__version__ and "ffcv" in facts["versions"]
+    hw = facts["hardware"]
+    assert {"host", "cpu", "cpu_count", "torch_threads", "gpus", "device"} <= set(hw)
+    assert hw["device"] == "cpu" and hw["cpu_count"] >= 1
+
+
+def test_committed_data_loading_report_is_rendered_from_its_json():
+    from repro.report.data_loading import render
+
+    reports = Path(__file__).resolve().parents[1] / "reports"
+    saved = json.loads((reports / "data_loading.json").read_text())
+    assert (reports / "data_loading.md").read_text() == render(saved)

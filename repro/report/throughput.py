@@ -1,9 +1,12 @@
-"""`reports/throughput_cpu.md`, rendered from its JSON record (benchmarks/throughput_cpu.py
-measures and saves it; `repro report` re-renders it), so the report is never edited by hand."""
+"""Throughput reports, rendered from their JSON records: `reports/throughput_cpu.md`
+(benchmarks/throughput_cpu.py measures and saves it; `repro report` re-renders it, so it is
+never edited by hand) and `repro bench`'s table and `--out` report."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from tabulate import tabulate
 
 from repro.papers import paper_info
 
@@ -13,11 +16,9 @@ GRAVITON = "AWS Graviton2 (C6g)"
 OVERHEAD_BAR = 0.03  # the trainer may cost at most this share more per step than a plain loop
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    """A markdown table, left-aligned first column, right-aligned numbers."""
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+def md_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a markdown table (github format; cells as given, not parsed as numbers)."""
+    return tabulate(rows, header, tablefmt="github", disable_numparse=True).splitlines()
 
 
 def _pct(v: float) -> str:
@@ -80,7 +81,7 @@ def render(rep: dict) -> str:
            f"{' > '.join(lv['order']['paper_xeon'])}."),
         "",
     ]
-    lines += _table(
+    lines += md_table(
         ["row (timm model)", "GMACs", "paper Xeon 6138 img/s", "here img/s (min-max)",
          "here / Xeon", f"/ {ANCHOR} here (per-round range)", f"/ {ANCHOR} Xeon",
          "here vs Xeon ratio", f"/ {ANCHOR} Graviton2", "MFU %", "others' CPU % max",
@@ -120,7 +121,7 @@ def render(rep: dict) -> str:
         f"cost of about {spread_ms:.0f} ms; the trainer adds none that shows.",
         "",
     ]
-    lines += _table(
+    lines += md_table(
         ["loop", "img/s median", "min", "max", "ms/step", "MFU %", "steps/window",
          "others' CPU % max"],
         [[r["label"], f"{r['throughput/images_per_s']:.1f}",
@@ -182,4 +183,102 @@ def render(rep: dict) -> str:
            f"not quiet (others {rep['initial_wait']['others_pct']:.0f} %)") + ".",
         "",
     ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# `repro bench`
+
+
+def describe_fusion(record: dict | None) -> str:
+    """One phrase for tables: what --fuse-bn folded."""
+    if record is None:
+        return "no"
+    parts = [f"{n} {k}" for k, n in record["fuse_methods"].items()]
+    if record["conv_bn_pairs"]:
+        parts.append(f"{record['conv_bn_pairs']} conv+BN ({record['pair_method']})")
+    left = f"; {record['batchnorm_left']} BN left" if record["batchnorm_left"] else ""
+    return (", ".join(parts) or "nothing to fold") + left
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+def table_rows(record: dict) -> tuple[list[str], list[list]]:
+    """The figures as table rows: one per model, ratio to each reference at the end."""
+    refs = [r["label"] for r in record["results"] if r["role"] == "reference"]
+    head = ["model", "role", "res", "batch", "img/s", "min", "max", "ms/step", "GMACs",
+            "MFU %", "others' CPU % (max)", "BN fused"] + [f"x {ref}" for ref in refs]
+    rows = []
+    for r in record["results"]:
+        row = [r["label"], r["role"], r["res"], r["batch"], _fmt(r["throughput/images_per_s"]),
+               _fmt(r["throughput/images_per_s_min"]), _fmt(r["throughput/images_per_s_max"]),
+               f"{r['time/step_ms']:.1f}", f"{r['gmacs']:.3f}", f"{r['mfu_pct']:.1f}",
+               f"{r['timing']['others_pct_max']:.1f}", describe_fusion(r["fusion"])]
+        for ref in refs:
+            q = record["ratios"].get(f"{r['label']} / {ref}")
+            row.append(f"{q['of_medians']:.2f}" if q else "")
+        rows.append(row)
+    return head, rows
+
+
+def settings_line(record: dict) -> str:
+    """Device, threads, dtype, layout, compile, fusion, mode and timing in one sentence."""
+    s, m, p = record["settings"], record["machine"], record["matmul_peak"]
+    dev = m.get("gpu", m["cpu"]) if s["device"] == "cuda" else m["cpu"]
+    threads = record["results"][0]["threads"] if record["results"] else s["threads"]
+    return (f"{s['device']} ({dev}, {m['usable_cores']} usable cores), {threads} thread(s), "
+            f"{'amp ' + s['amp'] if s['amp'] else 'fp32'}, channels_last "
+            f"{'on' if s['channels_last'] else 'off'}, compile {'on' if s['compile'] else 'off'}, "
+            f"fuse-bn {'on' if s['fuse_bn'] else 'off'}, mode {s['mode']}; warm-up "
+            f"{s['warmup_s']:g} s, {s['repeats']} interleaved windows of ~{s['window_s']:g} s "
+            f"(median shown); matmul peak {p['gflops']:.1f} GFLOP/s ({p['dtype']}, "
+            f"{p['n']}x{p['n']})")
+
+
+def load_line(load: dict) -> str:
+    """Whether other processes disturbed the timed windows."""
+    if load["quiet"]:
+        return (f"Quiet: other processes (and the hypervisor) took at most "
+                f"{load['max_pct']:.1f} % of the machine in any window used "
+                f"({load['retried']} window(s) re-timed after a disturbed try).")
+    return (f"NOT QUIET: other processes took more than {load['threshold_pct']:g} % of the "
+            f"machine in {load['disturbed_used']} of the {load['timed_windows']} windows used "
+            f"(max {load['max_pct']:.1f} %) even after {load['retried']} re-timings; the medians "
+            "resist a few such windows, but re-run on a quiet machine before trusting close calls.")
+
+
+def render_terminal(record: dict) -> str:
+    """What `repro bench` prints: the table, the settings, the load and the notes."""
+    head, rows = table_rows(record)
+    lines = [tabulate(rows, head, tablefmt="simple", disable_numparse=True),
+             settings_line(record), load_line(record["other_load"])]
+    lines += [f"note: {n}" for n in record["settings"]["notes"]]
+    return "\n".join(lines)
+
+
+def render_markdown(record: dict) -> str:
+    """The `--out` report: regeneration command, settings, figures, ratios, load, machine."""
+    head, rows = table_rows(record)
+    m, v = record["machine"], record["versions"]
+    lines = ["# Throughput", "",
+             f"*Generated by `repro bench`; do not edit. Regenerate with `{record['command']}` "
+             f"(took {record['total_s'] / 60:.1f} min).*", "",
+             settings_line(record) + ".", "", load_line(record["other_load"]), ""]
+    lines += md_table(head, rows)
+    if record["ratios"]:
+        lines += ["", "Ratios of medians; the range is over the interleaved rounds:", ""]
+        lines += md_table(["ratio", "of medians", "per-round min", "per-round max"],
+                          [[k, f"{q['of_medians']:.2f}x", f"{q['per_round_min']:.2f}x",
+                            f"{q['per_round_max']:.2f}x"] for k, q in record["ratios"].items()])
+    lines += ["", "- FLOPs: GMACs are multiply-adds per image (`repro.measure.complexity`, meta "
+              "device); MFU = 2 x GMACs (x3 for a training step) x img/s / the matmul peak.",
+              "- Memory: " + ("process max RSS after each model's first step (cumulative)"
+                              if record["settings"]["device"] == "cpu"
+                              else "CUDA max allocated per model") + "."]
+    lines += [f"- {n}" for n in record["settings"]["notes"]]
+    lines += ["", f"Machine: {m['cpu']}, {m['usable_cores']} usable cores, "
+              f"{m.get('memory_gib', '?')} GiB" + (f"; {m['gpu']}" if "gpu" in m else "")
+              + f"; {m['os']}. " + ", ".join(f"{k} {x}" for k, x in v.items()) + ".", ""]
     return "\n".join(lines)
