@@ -8,9 +8,9 @@ from pathlib import Path
 
 # Subcommands whose module parses its own arguments (`run_cli(argv) -> int`).
 DELEGATED = {
-    "bench": ("repro.measure.throughput", "throughput: timm's method, the LeViT protocol, MFU"),
-    "profile": ("repro.measure.profile", "torch.profiler traces of a recipe's training steps"),
-    "eval": ("repro.measure.evaluate", "top-1/top-5 of a checkpoint with the recipe's protocol"),
+    "bench": ("repro.bench", "throughput: timm's method, the LeViT protocol, MFU"),
+    "profile": ("repro.train.profile", "torch.profiler traces of a recipe's training steps"),
+    "eval": ("repro.train.evaluate", "top-1/top-5 of a checkpoint with the recipe's protocol"),
 }
 
 EXIT_ERROR = 1  # bad input: a recipe, paper table or path problem, reported in one line
@@ -124,13 +124,16 @@ def cmd_launch(args) -> int:
     if args.nproc < 1:
         raise SystemExit("repro launch: error: --nproc must be >= 1")
     path = local.launch(recipe, nproc=args.nproc, smoke=args.smoke, run_id=args.run_id)
-    from repro.train.rundir import read_results
+    from repro.rundir import Run
 
-    r = read_results(path) or {}
-    top1 = {k: round(v, 2) for k, v in r.items() if k.startswith("final/") and
+    r = Run(path).results()
+    if r is None:
+        print(f"run ?: {path}  (no results.json)")
+        return 0
+    top1 = {k: round(v, 2) for k, v in r.metrics.items() if k.startswith("final/") and
             k.endswith("top1")}
-    print(f"run {r.get('status', '?')}: {path}  (epochs {r.get('epochs_done')}/"
-          f"{r.get('epochs_planned')}, steps {r.get('steps_done')}; {top1})")
+    print(f"run {r.status}: {path}  (epochs {r.epochs_done}/{r.epochs_planned}, steps "
+          f"{r.steps_done}; {top1})")
     return 0
 
 
@@ -235,7 +238,8 @@ def cmd_data(args) -> int:
         raise data.DataError("repro data convert needs FFCV: `make install`, or apt-get install "
                              "libopencv-dev libturbojpeg0-dev pkg-config && pip install -e "
                              "'.[ffcv]'")
-    from repro.data.convert import convert, sidecar_path
+    from repro.data.beton import sidecar_path
+    from repro.data.convert import convert
 
     protocol = None
     if args.eval_protocol:

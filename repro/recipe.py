@@ -96,7 +96,7 @@ def _triple(v):
 def _policy(v):
     """An auto-augment string must parse (timm's grammar; repro.data.augment reads it)."""
     try:
-        from repro.data.augment import parse_policy
+        from repro.data.policy import parse_policy
 
         parse_policy(v)
     except ValueError as e:

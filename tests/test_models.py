@@ -17,15 +17,9 @@ from repro.report.architecture import render
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Test-size overrides: ordinary constructor keywords of each family (documented in each model
-# file), so the paper configuration itself is never edited. Widths stay the paper's.
-SMALL = {
-    **{f"vit_{k}_{s}": {"depth": 2} for k in "pc" for s in ("1gf", "4gf", "18gf", "36gf")},
-    **{f"coatnet_{i}": {"depths": (1, 1, 1, 1)} for i in range(5)},
-    **{n: {"depths": (1, 1, 1)} for n in ("cvt_13", "cvt_21", "cvt_w24")},
-    **{n: {"depth": (1, 1, 1)} for n in ("levit_128s", "levit_128", "levit_192", "levit_256",
-                                         "levit_384")},
-}
+# Every model of the papers' families, at the test size its family module declares (`SMALL`:
+# ordinary constructor keywords, so the paper configuration itself is never edited).
+MODELS = repro.models.suite_models()
 RES = 64
 
 
@@ -33,16 +27,16 @@ def test_every_model_the_tables_name_is_registered():
     names = set(papers.load_rows()["timm_model"].dropna())
     missing = sorted(n for n in names if not timm.is_model(n))
     assert not missing
-    assert set(SMALL) <= set(timm.list_models())
+    # every model of the papers' families is in MODELS, so it is tested at small size below
+    ours = {n for n in names if not n.startswith(("deit", "efficientnet"))}
+    assert ours <= set(MODELS)
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("name", MODELS)
 def test_model_trains_a_step_at_small_size(name):
     torch.manual_seed(0)
-    kwargs = dict(SMALL[name], num_classes=10)
-    if timm.models.get_pretrained_cfg(name).fixed_input_size:
-        kwargs["img_size"] = RES
-    model = timm.create_model(name, **kwargs).train()
+    model = repro.models.create(name, RES, num_classes=10, **repro.models.small_kwargs(name))
+    model.train()
     x = torch.randn(2, 3, RES, RES)
     out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()

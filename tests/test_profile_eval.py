@@ -14,8 +14,7 @@ import torch
 
 import repro.models  # noqa: F401  (registers vit_c_nano, cvt_13)
 from repro.launch.local import resolve
-from repro.measure import evaluate, profile
-from repro.recipe import RecipeError
+from repro.train import checkpoint, evaluate, profile
 from repro.train.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,23 +118,23 @@ def test_cvt_official_keys_load_strictly_and_mismatches_are_one_line(tmp_path):
     official = timm.create_model("cvt_13", depths=(1, 1, 1), num_classes=10)
     path = tmp_path / "CvT-13-224x224-IN-1k.pth"
     torch.save({f"module.{k}": v for k, v in official.state_dict().items()}, path)
-    weights = evaluate.read_weights(path)
+    weights = checkpoint.read_weights(path)
     model = timm.create_model("cvt_13", depths=(1, 1, 1), num_classes=10)
-    evaluate.load_strict(model, weights.model, path=path)
+    checkpoint.load_strict(model, weights.model, path=path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, official.state_dict()[k]), k
 
     other = timm.create_model("cvt_13", depths=(1, 1, 1), num_classes=5)
-    with pytest.raises(RecipeError) as e:
-        evaluate.load_strict(other, weights.model, path=path, name="cvt_13")
+    with pytest.raises(checkpoint.WeightsError) as e:
+        checkpoint.load_strict(other, weights.model, path=path, name="cvt_13")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{path}: model weights do not match model cvt_13")
     assert "head.weight (10, 384) vs (5, 384)" in msg
     broken = {k: v for k, v in weights.model.items() if k != "stage2.cls_token"}
     broken["stage9.extra"] = torch.zeros(1)
-    with pytest.raises(RecipeError, match=r"1 missing \(stage2\.cls_token\); "
+    with pytest.raises(checkpoint.WeightsError, match=r"1 missing \(stage2\.cls_token\); "
                                           r"1 unexpected \(stage9\.extra\)"):
-        evaluate.load_strict(model, broken, path=path)
+        checkpoint.load_strict(model, broken, path=path)
 
 
 def test_missing_checkpoint_is_a_one_line_error_naming_it(tmp_path):

@@ -52,7 +52,7 @@ def test_short_run_lowers_the_loss_and_leaves_a_complete_run_dir(tmp_path):
         assert (run / name).is_file(), name
     assert list((run / "tb").glob("events.out.tfevents.*"))
     r = json.loads((run / "results.json").read_text())
-    assert r["schema_version"] == 1 and r["status"] == "complete"
+    assert r["schema_version"] == 2 and r["status"] == "complete" and r["seed"] == 0
     assert (r["epochs_done"], r["epochs_planned"], r["steps_done"]) == (3, 3, 66)
     assert r["final/eval/count"] == 360 and r["final/eval/top1"] > 30  # chance is 10
     assert "final/eval_ema/top1" in r and r["params_m"] > 0.3 and r["gmacs"] > 0

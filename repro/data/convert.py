@@ -33,7 +33,6 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from repro.data import DataError
 from repro.data.beton import (
     default_name,
-    eval_protocol_of,  # noqa: F401  (re-exported until launch/plan.py imports it from beton)
     protocol,
     protocol_name,
     sidecar_path,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from repro import rundir
 from repro.recipe import Recipe, load_recipe
-from repro.train import distributed, rundir
+from repro.train import distributed
 
 
 def resolve(recipe_path: str, overrides: list[str], smoke: bool) -> Recipe:
@@ -34,9 +35,9 @@ def launch(recipe: Recipe, *, nproc: int = 1, smoke: bool = False,
     """Train `recipe` with `nproc` local processes; returns the run directory."""
     from repro.train.run import train
 
-    run_id = run_id or recipe.train.run_id or rundir.new_run_id(recipe.train.seed)
+    run_id = rundir.choose_run_id(run_id, recipe.train.run_id, recipe.train.seed)
     if nproc == 1:
         return train(recipe, smoke=smoke, run_id=run_id)
     torch.multiprocessing.spawn(_worker, args=(nproc, distributed.free_port(), recipe, smoke,
                                                run_id), nprocs=nproc, join=True)
-    return rundir.run_dir(recipe.train.output_dir, recipe.name, run_id)
+    return rundir.Run.at(recipe.train.output_dir, recipe.name, run_id).path

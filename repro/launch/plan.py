@@ -57,7 +57,7 @@ def exact_eval(recipe: Recipe) -> bool:
     does; on FFCV, an eval-protocol file for this protocol does (repro.data.convert)."""
     if recipe.data.format == "folder":
         return True
-    from repro.data.convert import eval_protocol_of, protocol
+    from repro.data.beton import eval_protocol_of, protocol
 
     e = recipe.eval
     want = protocol(e.resolution or recipe.data.resolution, e.crop_pct, e.interpolation)

@@ -11,7 +11,6 @@ run id from its last atomic checkpoint. The code is snapshotted at submission (s
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -21,9 +20,9 @@ from typing import Any
 
 import submitit
 
+from repro import rundir
 from repro.errors import UserError
-from repro.recipe import Recipe, RecipeError, load_typed
-from repro.train import rundir
+from repro.recipe import Recipe, load_typed
 
 
 def _f(default, doc: str):
@@ -139,15 +138,11 @@ def submit(recipe_path: str, overrides: list[str], cluster_path: str, *, nodes: 
         extra = [f"train.seed={seed}"] if seed is not None else []
         r = resolve(recipe_path, [*overrides, *extra], smoke)
         _absolute(r, cwd)
-        rid = run_id or r.train.run_id or rundir.new_run_id(r.train.seed)
-        if seeds and run_id:
-            rid = f"{run_id}-s{seed}"
-        path = rundir.run_dir(r.train.output_dir, r.name, rid)
-        previous = rundir.read_results(path)
-        if previous and previous.get("status") == "complete":
-            raise RecipeError(recipe_path, "train.run_id", f"{path} has completed; launch "
-                              "without a run id for a new run (it would be overwritten)")
-        recipes.append((r, rid, path))
+        rid = rundir.choose_run_id(f"{run_id}-s{seed}" if seeds and run_id else run_id,
+                                   r.train.run_id, r.train.seed)
+        run = rundir.Run.at(r.train.output_dir, r.name, rid)
+        run.refuse_if_complete()
+        recipes.append((r, rid, run.path))
     params = sbatch_parameters(recipes[0][0], cluster, nodes)
     if dry_run:
         return [{"run_dir": str(p), "sbatch": params, "env": _cluster_env(cluster),
@@ -188,8 +183,7 @@ def submit(recipe_path: str, overrides: list[str], cluster_path: str, *, nodes: 
                   "slurm_folder": str(job.paths.folder), "cluster": str(cluster_path),
                   "code": str(code_dir) if snapshot else None, "sbatch": params,
                   "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "slurm.json").write_text(json.dumps(record, indent=1) + "\n")
+        rundir.Run(path).write_json("slurm.json", record)
         records.append(record)
     return records
 

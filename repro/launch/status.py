@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tabulate import tabulate
 
+from repro import rundir
 from repro.launch.slurm import load_cluster, slurm_state
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
@@ -14,32 +14,15 @@ FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
 
 
 def find_runs(path: Path) -> list[Path]:
-    """Run directories at or below `path` (they hold launch.json or slurm.json)."""
-    if (path / "launch.json").exists() or (path / "slurm.json").exists():
-        return [path]
-    found = {p.parent for name in ("launch.json", "slurm.json") for p in path.rglob(name)}
-    return sorted(p for p in found if "_code" not in p.parts)
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _last_metrics(path: Path) -> dict:
-    f = path / "metrics.jsonl"
-    if not f.exists():
-        return {}
-    last: dict = {}
-    for line in f.read_text().splitlines():
-        last.update(json.loads(line))
-    return last
+    """Run directories at or below `path` (launched here or submitted to Slurm)."""
+    return [r.path for r in rundir.find_runs(path, markers=("launch.json", "slurm.json"))]
 
 
 def describe(run: Path) -> dict:
     """One run's state, as `repro status` shows it."""
-    results, slurm, env = _json(run / "results.json"), _json(run / "slurm.json"), \
-        _json(run / "env.json")
-    metrics = _last_metrics(run)
+    r = rundir.Run(run)
+    results, slurm, env = r.json("results.json"), r.json("slurm.json"), r.json("env.json")
+    metrics = r.last_metrics()
     state = None
     if slurm:
         conf = None

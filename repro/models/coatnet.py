@@ -40,6 +40,10 @@ from timm.models.maxxvit import (
     checkpoint_filter_fn,
 )
 
+SMALL = {"depths": (1, 1, 1, 1)}  # test size: one block per stage (see above)
+# timm's own models the suite uses: the strided-depthwise variants (Table 9, "Strided DConv")
+TIMM_MODELS = tuple(f"coatnet_{i}_224" for i in range(4))
+
 __all__ = ["COATNET_CONFIGS", "coatnet_cfg"]
 
 # Paper Table 3: (L, D) for S0 (stem), S1, S2 (MBConv), S3, S4 (relative-attention Transformer).

@@ -62,6 +62,8 @@ from timm.layers import DropPath, Mlp, QuickGELU, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
+SMALL = {"depths": (1, 1, 1)}  # test size: one block per stage (see above)
+
 __all__ = ["CvT", "CVT_CONFIGS"]
 
 # Paper Table 2 and the official MODEL.SPEC of each config; drop_path_rate is stage 3's rate.

@@ -12,6 +12,8 @@ distillation switches the model to return both heads (`set_distilled_training`).
 
 from __future__ import annotations
 
+SMALL = {"depth": (1, 1, 1)}  # test size: one block per stage (timm's Levit keyword)
+
 # Paper row -> timm model name, in Table 3's order.
 LEVIT_MODELS = {
     "LeViT-128S": "levit_128s",
@@ -20,3 +22,4 @@ LEVIT_MODELS = {
     "LeViT-256": "levit_256",
     "LeViT-384": "levit_384",
 }
+TIMM_MODELS = tuple(LEVIT_MODELS.values())  # timm's own models the suite uses

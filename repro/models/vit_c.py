@@ -26,6 +26,8 @@ from timm.layers import HybridEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+SMALL = {"depth": 2}  # test size: two transformer blocks (see above)
+
 __all__ = ["ConvStem", "EARLYCONV_CONFIGS"]
 
 # Paper Table 1 (width, MLP width, heads, blocks) and the conv stems of Sec. 3 / pycls configs:

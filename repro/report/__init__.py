@@ -16,6 +16,8 @@ from pathlib import Path
 RENDERERS = {
     "architecture": "repro.report.architecture",
     "throughput_cpu": "repro.report.throughput",
+    "data_loading": "repro.report.data_loading",
+    "augment_parity": "repro.report.augment_parity",
 }
 
 

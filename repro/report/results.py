@@ -7,14 +7,13 @@ to render, matplotlib for the plots. Nothing here trains or measures.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 from tabulate import tabulate
 
-from repro import papers
+from repro import papers, rundir
 
 TOP1_TOL = 0.3  # points, unless a paper row states its own (DESIGN.md)
 
@@ -33,38 +32,17 @@ HEADER = """\
 """
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _metrics(path: Path) -> list[dict]:
-    f = path / "metrics.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
-
-
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Run directories (holding results.json) at or below each path, sorted."""
-    found: set[Path] = set()
-    for p in paths:
-        if (p / "results.json").exists():
-            found.add(p)
-        elif p.is_dir():
-            found |= {r.parent for r in p.rglob("results.json") if "_code" not in r.parts}
-    return sorted(found)
-
-
 def load_runs(paths: list[Path]) -> pd.DataFrame:
     """One row per run directory."""
     rows = []
-    for run in find_runs(paths):
-        r, env = _json(run / "results.json"), _json(run / "env.json")
-        metrics = _metrics(run)
+    for run in rundir.find_runs(paths, markers=("results.json",)):
+        r, env, metrics = run.results().to_json(), run.json("env.json"), run.metrics()
         speed = [m["throughput/images_per_s"] for m in metrics if "throughput/images_per_s" in m]
         on_gpu = bool(env.get("hardware", {}).get("gpus")) and "cuda" in str(r.get("device"))
         hours = r.get("wall_time_s", 0) * r.get("world_size", 1) / 3600
         rows.append({
-            "run": str(run), "recipe": r.get("recipe"), "row_id": r.get("paper_row"),
-            "seed": _seed(run),
+            "run": str(run.path), "recipe": r.get("recipe"), "row_id": r.get("paper_row"),
+            "seed": r["seed"],
             "status": r.get("status"), "canonical": bool(r.get("canonical")),
             "smoke": bool(r.get("smoke")), "overrides": tuple(r.get("non_canonical_keys", [])),
             "top1": r.get("final/eval/top1"), "top5": r.get("final/eval/top5"),
@@ -75,15 +53,6 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
             "gpu_hours": hours if on_gpu else None, "cpu_hours": None if on_gpu else hours,
         })
     return pd.DataFrame(rows)
-
-
-def _seed(run: Path) -> int | None:
-    import yaml
-
-    f = run / "recipe.yaml"
-    if not f.exists():
-        return None
-    return (yaml.safe_load(f.read_text()) or {}).get("train", {}).get("seed")
 
 
 def _group(runs: pd.DataFrame) -> pd.DataFrame:
@@ -245,7 +214,7 @@ def plot(runs: pd.DataFrame, out_dir: Path, rel_to: Path) -> dict[str, str]:
     if not runs.empty:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         for run in runs.itertuples(index=False):
-            ms = _metrics(Path(run.run))
+            ms = rundir.Run(run.run).metrics()
             steps = [(m["step"], m["train/loss"]) for m in ms if "train/loss" in m]
             evals = [(m["epoch"], m["eval/top1"]) for m in ms if "eval/top1" in m]
             label = f"{run.recipe}/{Path(run.run).name}"

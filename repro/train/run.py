@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from tqdm import tqdm
 
-import repro.models  # noqa: F401  (registers the papers' models)
+from repro import models, rundir
 from repro.data import build_loaders
-from repro.errors import UserError
 from repro.recipe import Derived, Recipe, RecipeError, derive
-from repro.train import checkpoint, distributed, rundir
+from repro.rundir import RunExists  # noqa: F401  (raised when relaunching a completed run)
+from repro.train import checkpoint, distributed, record
 from repro.train.loop import RunState, StepConfig, TrainingDiverged, evaluate, train_one_epoch
 from repro.train.optim import (
     DistillationLoss,
@@ -32,10 +31,6 @@ from repro.train.optim import (
     build_optimizer,
     build_scheduler,
 )
-
-
-class RunExists(UserError, RuntimeError):
-    """The run id names a run that has finished: relaunching would overwrite it."""
 
 
 def smoke_overrides(recipe: Recipe) -> list[str]:
@@ -54,14 +49,12 @@ def create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     kwargs = dict(m.kwargs)
     # Both always passed: an explicit 0 must mean 0, not the model's default.
     kwargs.update(num_classes=num_classes, drop_rate=m.drop_rate, drop_path_rate=m.drop_path)
-    cfg = timm.models.get_pretrained_cfg(m.name)
-    if cfg is not None and cfg.fixed_input_size and cfg.input_size[-1] != recipe.data.resolution:
-        kwargs.setdefault("img_size", recipe.data.resolution)
-    if not timm.is_model(m.name):
-        raise RecipeError(recipe.path, "model.name", f"unknown model {m.name!r}")
-    model = timm.create_model(m.name, **kwargs)
+    try:
+        model = models.create(m.name, recipe.data.resolution, **kwargs)
+    except models.UnknownModel as e:
+        raise RecipeError(recipe.path, "model.name", str(e)) from None
     if m.pretrained_file:
-        model.load_state_dict(checkpoint.load_weights(m.pretrained_file, "model.pretrained_file"))
+        checkpoint.load_file_into(model, m.pretrained_file, "model.pretrained_file")
     return model
 
 
@@ -70,10 +63,10 @@ def build_teacher(recipe: Recipe, num_classes: int, smoke: bool) -> tuple[torch.
     d = recipe.distill
     if d.type == "none":
         return None, None
-    teacher = timm.create_model(d.teacher, num_classes=num_classes)
+    teacher = models.create(d.teacher, recipe.data.resolution, num_classes=num_classes)
     note = None
     if d.teacher_file and Path(d.teacher_file).is_file():
-        teacher.load_state_dict(checkpoint.load_weights(d.teacher_file, "distill.teacher"))
+        checkpoint.load_file_into(teacher, d.teacher_file, "distill.teacher_file")
     elif smoke:
         note = f"untrained teacher: {d.teacher_file} not present (smoke run)"
     else:
@@ -95,8 +88,8 @@ def train(recipe: Recipe, *, smoke: bool = False, run_id: str | None = None,
     optimizer step (for tests and tooling; they may raise to interrupt the run)."""
     env = distributed.setup(recipe.train.device)
     try:
-        return _train(recipe, env, smoke=smoke, run_id=run_id, hooks=hooks or [],
-                      progress=progress)
+        return Training(recipe, env, smoke=smoke, run_id=run_id, hooks=hooks or [],
+                        progress=progress).run()
     finally:
         distributed.teardown()
 
@@ -173,160 +166,179 @@ def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
                  teacher_note)
 
 
-def _train(recipe: Recipe, env, *, smoke, run_id, hooks, progress) -> Path:
-    t = recipe.train
-    s = build(recipe, env, smoke=smoke)
-    loaders, d, model, unwrapped, ema = s.loaders, s.derived, s.model, s.unwrapped, s.ema
-    optimizer, scheduler, loss_fn, cfg = s.optimizer, s.scheduler, s.loss_fn, s.step
-    scaler, teacher_note = cfg.scaler, s.teacher_note
+class Training:
+    """One launch of a run, top to bottom: `Training(recipe, env, ...).run()`.
 
-    # The run directory: only now, with everything checked.
-    run_id = distributed.broadcast_object(run_id or t.run_id or rundir.new_run_id(t.seed), env)
-    path = rundir.run_dir(t.output_dir, recipe.name, run_id)
-    state = RunState()
-    last = path / "checkpoints" / "last.pt"
-    previous = rundir.read_results(path)
-    if previous and previous.get("status") == "complete":
-        raise RunExists(f"{path}: this run has completed; launch without a run id for a new "
-                        "run (it would be overwritten otherwise)")
-    if last.exists():
-        ck = checkpoint.load(last)
-        unwrapped.load_state_dict(ck["model"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        state.load_state_dict(ck["state"])
-        rng = ck["rng"]
-        checkpoint.set_rng_state(rng[env.rank] if env.rank < len(rng) else rng[0])
-    hosts = [socket.gethostname()]
-    if env.distributed:
-        hosts = [None] * env.world_size
-        torch.distributed.all_gather_object(hosts, socket.gethostname())
-    if env.is_main:
-        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-        rundir.write_launch_files(path, recipe, d, smoke=smoke, world_size=env.world_size,
-                                  device=env.device, hosts=hosts)
-    log = rundir.MetricsLog(path, enabled=env.is_main)
+    The constructor builds and checks everything, then opens the run directory (resuming its
+    last checkpoint); `run()` trains epoch by epoch, evaluating, checkpointing and writing
+    results.json as it goes; rank 0 writes, every rank computes.
+    """
 
-    from repro.measure.complexity import count
+    def __init__(self, recipe: Recipe, env, *, smoke: bool, run_id: str | None,
+                 hooks: list[Callable[[RunState], None]], progress: bool):
+        self.recipe, self.env, self.smoke, self.hooks = recipe, env, smoke, hooks
+        self.progress = progress and env.is_main
+        self.s = build(recipe, env, smoke=smoke)
+        # The run directory: only now, with everything checked.
+        t = recipe.train
+        run_id = distributed.broadcast_object(
+            rundir.choose_run_id(run_id, t.run_id, t.seed), env)
+        self.run_dir = rundir.Run.at(t.output_dir, recipe.name, run_id)
+        self.run_dir.refuse_if_complete()
+        self.state = RunState()
+        checkpoint.resume(self.run_dir.last_checkpoint, self.s, self.state, env.rank)
+        hosts = self._hosts()  # a collective: every rank takes part
+        if env.is_main:
+            record.write_launch_files(self.run_dir, recipe, self.s.derived, smoke=smoke,
+                                      world_size=env.world_size, device=env.device, hosts=hosts)
+        self.log = record.MetricsLog(self.run_dir.path, enabled=env.is_main)
+        self.base = self._describe(run_id)
+        self.evals: dict = {}
+        self.bar = None
+        self.started = time.perf_counter()
 
-    try:
-        cx = count(recipe.model.name, recipe.data.resolution, loaders.num_classes)
-        complexity = {"params_m": cx.params_m, "gmacs": cx.gmacs,
-                      "resolution": recipe.data.resolution}
-    except Exception as e:  # a model kwarg the meta count cannot take; report, don't fail
-        complexity = {"params_m": sum(p.numel() for p in unwrapped.parameters()) / 1e6,
-                      "gmacs": None, "error": f"{type(e).__name__}: {e}"}
+    def _hosts(self) -> list[str]:
+        hosts = [socket.gethostname()]
+        if self.env.distributed:
+            hosts = [None] * self.env.world_size
+            torch.distributed.all_gather_object(hosts, socket.gethostname())
+        return hosts
 
-    epochs = recipe.schedule.epochs
-    max_steps = t.max_steps
-    base = {"run_id": run_id, "recipe": recipe.name, "paper_row": recipe.row_id,
-            "canonical": recipe.canonical and not smoke, "smoke": smoke,
-            "non_canonical_keys": recipe.non_canonical_keys, "epochs_planned": epochs,
-            "steps_planned": d.total_steps, "world_size": env.world_size,
-            "device": str(env.device), "amp": t.amp, "channels_last": t.channels_last,
-            "compile": t.compile, "data_format": loaders.format,
-            "not_applied": loaders.not_applied, "deviations": loaders.deviations,
-            "global_batch": d.global_batch,
-            "lr": d.lr, **complexity}
-    if teacher_note:
-        base["notes"] = teacher_note
-    evals: dict = {}
-    started = time.perf_counter()
+    def _describe(self, run_id: str) -> dict:
+        """The results record's fixed part: what this run is."""
+        recipe, t, d, loaders = self.recipe, self.recipe.train, self.s.derived, self.s.loaders
+        base = {"run_id": run_id, "recipe": recipe.name, "seed": t.seed,
+                "paper_row": recipe.row_id, "canonical": recipe.canonical and not self.smoke,
+                "smoke": self.smoke, "non_canonical_keys": recipe.non_canonical_keys,
+                "epochs_planned": recipe.schedule.epochs, "steps_planned": d.total_steps,
+                "world_size": self.env.world_size, "device": str(self.env.device),
+                "amp": t.amp, "channels_last": t.channels_last, "compile": t.compile,
+                "data_format": loaders.format, "not_applied": loaders.not_applied,
+                "deviations": loaders.deviations, "global_batch": d.global_batch, "lr": d.lr,
+                **complexity(recipe, loaders.num_classes, self.s.unwrapped)}
+        if self.s.teacher_note:
+            base["notes"] = self.s.teacher_note
+        return base
 
-    def save(status: str) -> None:
-        """Checkpoint (all ranks' RNG) and results, rank 0 writing."""
-        state_dict = {**state.state_dict(),
-                      "wall_time_s": state.wall_time_s + (time.perf_counter() - started)}
+    # -- the run --------------------------------------------------------------------------
+    def run(self) -> Path:
+        recipe, state, epochs = self.recipe, self.state, self.recipe.schedule.epochs
+        status = "complete"
+        try:
+            while state.epoch < epochs:
+                if not self._train_epoch():  # train.max_steps reached mid-epoch
+                    status = "incomplete"
+                    break
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                last_epoch = state.epoch == epochs
+                if last_epoch or state.epoch % recipe.eval.every_epochs == 0:
+                    self._evaluate()
+                self.save("running" if not last_epoch else status)
+            if status == "incomplete":
+                self._evaluate(best=False)
+                self.save(status)
+        except TrainingDiverged as e:
+            self.write_results("failed")
+            self.log.close()
+            last = self.run_dir.last_checkpoint
+            raise TrainingDiverged(f"{self.run_dir.path}: {e}; the last good checkpoint is "
+                                   f"kept: {last if last.exists() else 'none yet'}") from None
+        self.log.close()
+        return self.run_dir.path
+
+    def _train_epoch(self) -> bool:
+        s, state, d, epochs = self.s, self.state, self.s.derived, self.recipe.schedule.epochs
+        if self.progress:
+            self.bar = tqdm(total=d.steps_per_epoch,
+                            initial=state.batch_in_epoch // d.accum_steps,
+                            desc=f"epoch {state.epoch + 1}/{epochs}", unit="step", leave=False,
+                            disable=None)  # None: off when stderr is not a terminal
+        t0 = time.perf_counter()
+        done = train_one_epoch(s.model, s.loaders.train.epoch(state.epoch, state.batch_in_epoch),
+                               s.optimizer, s.scheduler, s.loss_fn, state, s.step,
+                               steps=d.steps_per_epoch, unwrapped=s.unwrapped,
+                               on_step=self._on_step)
+        state.train_time_s += time.perf_counter() - t0
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        return done
+
+    def _on_step(self, state: RunState, metrics: dict) -> bool:
+        """After each optimizer step: hooks, logging, progress, checkpoints; False stops."""
+        for hook in self.hooks:
+            hook(state)
+        if metrics:
+            self.log.log(state.step, {"epoch": state.epoch, **metrics})
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                                     lr=f"{metrics['train/lr']:.2e}")
+        if self.bar is not None:
+            self.bar.update(1)
+        max_steps = self.recipe.train.max_steps
+        if max_steps is not None and state.step >= max_steps:
+            return False
+        if state.step % self.recipe.train.checkpoint_every_steps == 0:
+            self.save("running")
+        return True
+
+    def _evaluate(self, best: bool = True) -> None:
+        """Evaluate (raw and EMA), log, keep the best; best.pt holds the best raw top-1."""
+        s, state, env = self.s, self.state, self.env
+        self.evals = evaluate_all(s.model, s.ema, s.loaders, env, self.recipe.train)
+        for k, v in self.evals.items():
+            if best and k.endswith(("/top1", "/top5")) and v > state.best.get(k, -1):
+                state.best[k] = v
+                if env.is_main and k == "eval/top1":
+                    checkpoint.save(self.run_dir.best_checkpoint,
+                                    {"model": s.unwrapped.state_dict(), "epoch": state.epoch})
+        self.log.log(state.step, {"epoch": state.epoch, **self.evals})
+        if best and self.progress:
+            tqdm.write(f"epoch {state.epoch}/{self.recipe.schedule.epochs}: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in self.evals.items() if k.endswith("top1")))
+
+    # -- records --------------------------------------------------------------------------
+    def _wall_time_s(self) -> float:
+        return self.state.wall_time_s + (time.perf_counter() - self.started)
+
+    def save(self, status: str) -> None:
+        """Checkpoint (every rank's RNG) and results, rank 0 writing."""
+        env = self.env
+        state_dict = {**self.state.state_dict(), "wall_time_s": self._wall_time_s()}
         rngs = [checkpoint.rng_state()]
         if env.distributed:
             rngs = [None] * env.world_size
             torch.distributed.all_gather_object(rngs, checkpoint.rng_state())
         if not env.is_main:
             return
-        checkpoint.save(last, {
-            "model": unwrapped.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "state": state_dict, "rng": rngs, "world_size": env.world_size,
-        })
-        write_results(status)
+        checkpoint.save(self.run_dir.last_checkpoint,
+                        checkpoint.snapshot(self.s, state_dict, rngs, env.world_size))
+        self.write_results(status)
 
-    def write_results(status: str) -> None:
-        if env.is_main:
-            rundir.write_results(path, {
-                **base, "status": status, "epochs_done": state.epoch, "steps_done": state.step,
-                "images_seen": state.images_seen, "train_time_s": state.train_time_s,
-                "wall_time_s": state.wall_time_s + (time.perf_counter() - started),
-                **{f"final/{k}": v for k, v in evals.items()},
-                **{f"best/{k}": v for k, v in state.best.items()},
-            })
+    def write_results(self, status: str) -> None:
+        if not self.env.is_main:
+            return
+        state = self.state
+        self.run_dir.write_results(rundir.Results.from_json({
+            **self.base, "status": status, "epochs_done": state.epoch,
+            "steps_done": state.step, "images_seen": state.images_seen,
+            "train_time_s": state.train_time_s, "wall_time_s": self._wall_time_s(),
+            **{f"final/{k}": v for k, v in self.evals.items()},
+            **{f"best/{k}": v for k, v in state.best.items()},
+        }))
 
-    def on_step(s: RunState, metrics: dict) -> bool:
-        for hook in hooks:
-            hook(s)
-        if metrics:
-            log.log(s.step, {"epoch": s.epoch, **metrics})
-            if bar is not None:
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
-                                lr=f"{metrics['train/lr']:.2e}")
-        if bar is not None:
-            bar.update(1)
-        if max_steps is not None and s.step >= max_steps:
-            return False
-        if s.step % t.checkpoint_every_steps == 0:
-            save("running")
-        return True
 
-    bar = None
-    status = "complete"
+def complexity(recipe: Recipe, num_classes: int, model: torch.nn.Module) -> dict:
+    """Params and GMACs of the recipe's model at its resolution (counted on the meta device)."""
+    from repro.measure.complexity import count
+
     try:
-        while state.epoch < epochs:
-            if progress and env.is_main:
-                bar = tqdm(total=d.steps_per_epoch, initial=state.batch_in_epoch // d.accum_steps,
-                           desc=f"epoch {state.epoch + 1}/{epochs}", unit="step", leave=False,
-                           disable=None)  # None: off when stderr is not a terminal
-            t0 = time.perf_counter()
-            done = train_one_epoch(model, loaders.train.epoch(state.epoch, state.batch_in_epoch),
-                                   optimizer, scheduler, loss_fn, state, cfg,
-                                   steps=d.steps_per_epoch, unwrapped=unwrapped, on_step=on_step)
-            state.train_time_s += time.perf_counter() - t0
-            if bar is not None:
-                bar.close()
-            if not done:  # train.max_steps reached mid-epoch
-                status = "incomplete"
-                break
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            last_epoch = state.epoch == epochs
-            if last_epoch or state.epoch % recipe.eval.every_epochs == 0:
-                evals = evaluate_all(model, ema, loaders, env, t)
-                for k, v in evals.items():
-                    if k.endswith(("/top1", "/top5")) and v > state.best.get(k, -1):
-                        state.best[k] = v
-                        if env.is_main and k == "eval/top1":
-                            checkpoint.save(path / "checkpoints" / "best.pt",
-                                            {"model": unwrapped.state_dict(), "epoch": state.epoch})
-                log.log(state.step, {"epoch": state.epoch, **evals})
-                if env.is_main and progress:
-                    tqdm.write(f"epoch {state.epoch}/{epochs}: " + ", ".join(
-                        f"{k} {v:.2f}" for k, v in evals.items() if k.endswith("top1")))
-            save("running" if not last_epoch else status)
-        if status == "incomplete":
-            evals = evaluate_all(model, ema, loaders, env, t)
-            log.log(state.step, {"epoch": state.epoch, **evals})
-            save(status)
-    except TrainingDiverged as e:
-        write_results("failed")
-        log.close()
-        raise TrainingDiverged(f"{path}: {e}; the last good checkpoint is kept: "
-                               f"{last if last.exists() else 'none yet'}") from None
-    log.close()
-    return path
+        cx = count(recipe.model.name, recipe.data.resolution, num_classes)
+        return {"params_m": cx.params_m, "gmacs": cx.gmacs, "resolution": recipe.data.resolution}
+    except Exception as e:  # a model kwarg the meta count cannot take; report, don't fail
+        return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "gmacs": None,
+                "error": f"{type(e).__name__}: {e}"}
 
 
 def evaluate_all(model, ema, loaders, env, t) -> dict:

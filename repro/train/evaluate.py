@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import sys
 import time
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,24 +27,8 @@ from repro.io import atomic_write_json
 from repro.measure import positive_int
 from repro.recipe import Recipe, RecipeError, load_recipe
 from repro.train import distributed
+from repro.train.checkpoint import load_strict, read_weights
 from repro.train.run import create_model, evaluate_all
-
-# Where a checkpoint file keeps its weights, in the order they are looked for.
-MODEL_KEYS = ("model", "state_dict")  # ours, DeiT/LeViT official; timm's train script
-EMA_KEYS = ("ema", "state_dict_ema", "model_ema")  # ours (ModelEmaV3); timm; DeiT
-# Prefixes that wrappers add to every key: DDP and ModelEma (`module.`), torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-SHOW_KEYS = 3  # keys named in a mismatch error
-
-
-@dataclass
-class Weights:
-    """The state dicts found in a checkpoint file, keys already unwrapped."""
-
-    model: dict
-    ema: dict | None
-    layout: str  # where they were found, e.g. "model + ema", "state dict"
-    notes: list[str] = field(default_factory=list)  # key mappings applied
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,128 +110,6 @@ def set_data(recipe: Recipe, *, data: str | None = None, fmt: str | None = None,
             raise DataError(f"{recipe.path}: data.val_path is not set: pass --data PATH (a "
                             "validation .beton file or ImageFolder directory)")
         d.train_path = d.val_path  # build_loaders builds a train loader too; never iterated
-
-
-def read_weights(path: str | Path) -> Weights:
-    """The model (and EMA) state dicts of a local weights file, wrapper prefixes removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (no downloads: put the weights "
-                                "file there first)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj = load_file(str(path))
-    else:
-        try:
-            # timm's training checkpoints carry their argparse Namespace; nothing else is
-            # unpickled (weights_only).
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # the unpickler fails on a foreign file in many ways
-            raise RecipeError(path, None, f"not a readable weights file ({_reason(e)})") \
-                from None
-    if not isinstance(obj, dict):
-        raise RecipeError(path, None, f"not a state dict or checkpoint (a {type(obj).__name__})")
-    found = [k for k in MODEL_KEYS if isinstance(obj.get(k), dict)]
-    if found:
-        model, layout = obj[found[0]], found[0]
-    elif _is_state_dict(obj):
-        model, layout = obj, "state dict"
-    else:
-        keys = ", ".join(list(map(str, obj))[:6])
-        raise RecipeError(path, None, f"no model weights found (top-level keys: {keys}; "
-                          f"expected a state dict or one under {' / '.join(MODEL_KEYS)})")
-    ema_key = next((k for k in EMA_KEYS if isinstance(obj.get(k), dict) and obj[k]), None)
-    ema = obj[ema_key] if ema_key else None
-    if ema_key:
-        layout += f" + {ema_key}"
-    notes: list[str] = []
-    weights = Weights(_unwrap(model, notes), _unwrap(ema, notes) if ema else None, layout)
-    weights.notes = sorted(set(notes))
-    return weights
-
-
-def _reason(e: Exception) -> str:
-    """One line of a load error: weights_only's 'Unsupported global' line when there is one."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    pickled = [line for line in lines if "Unsupported global" in line]
-    if pickled:
-        return f"it holds pickled Python objects; {pickled[0]}"
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
-def _is_state_dict(obj: dict) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in obj.values()) and \
-        not any(isinstance(v, dict) for v in obj.values())
-
-
-def _unwrap(state: dict, notes: list[str]) -> dict:
-    """Tensors only, with DDP/EMA (`module.`) and torch.compile (`_orig_mod.`) prefixes off."""
-    out = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        key = str(key)
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-                    notes.append(f"stripped '{prefix}'")
-                    stripped = True
-        out[key] = value
-    return out
-
-
-def load_strict(model: torch.nn.Module, state: dict, *, path, what: str = "model",
-                name: str | None = None) -> list[str]:
-    """Load `state` into `model` with every key and shape matching, else one RecipeError line.
-
-    When keys differ, the model family's timm `checkpoint_filter_fn` (e.g. LeViT's, which drops
-    the official files' `attention_bias_idxs`) is tried before giving up. Returns the notes of
-    any mapping applied.
-    """
-    expected = model.state_dict()
-    notes: list[str] = []
-    if _problems(expected, state):
-        module = sys.modules.get(type(model).__module__)
-        filter_fn = getattr(module, "checkpoint_filter_fn", None)
-        if filter_fn is not None:
-            try:
-                filtered = filter_fn(dict(state), model)
-            except Exception:  # a filter that cannot read these keys: report the original
-                filtered = None
-            if isinstance(filtered, dict) and not _problems(expected, filtered):
-                state = filtered
-                notes.append(f"{module.__name__}.checkpoint_filter_fn")
-    problems = _problems(expected, state)
-    if problems:
-        raise RecipeError(path, None, f"{what} weights do not match model "
-                          f"{name or type(model).__name__}: {problems}")
-    # Checkpoints from before BatchNorm counted its batches lack the counter: keep the model's.
-    absent = [k for k in expected if k not in state]
-    if absent:
-        state = {**state, **{k: expected[k] for k in absent}}
-        notes.append(f"{len(absent)} num_batches_tracked buffers absent, kept at their defaults")
-    model.load_state_dict(state, strict=True)
-    return notes
-
-
-def _problems(expected: dict, state: dict) -> str:
-    """'' when `state` fits `expected`; else what does not, briefly."""
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in expected if k in state and state[k].shape != expected[k].shape]
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected),
-                        ("wrong shape (file vs model)", shapes)):
-        if keys:
-            more = ", ..." if len(keys) > SHOW_KEYS else ""
-            parts.append(f"{len(keys)} {label} ({', '.join(keys[:SHOW_KEYS])}{more})")
-    return "; ".join(parts)
 
 
 def evaluate_checkpoint(recipe: Recipe, checkpoint: str | Path, *,
