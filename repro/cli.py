@@ -28,22 +28,20 @@ def _world_sizes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from repro.recipe import add_arguments as add_recipe_arguments
+
     p = argparse.ArgumentParser(
         prog="repro", description="Reproduce the tables of hybrid CNN-Transformer papers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     launch = sub.add_parser("launch", help="train a recipe (locally, or on Slurm)",
                             description="Train a recipe. Overrides: key.sub=value.")
-    launch.add_argument("recipe", help="recipe YAML, e.g. recipes/earlyconv_vitb.yaml")
-    launch.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="dotted overrides, values read as YAML")
+    add_recipe_arguments(launch, "recipes/earlyconv_vitb.yaml",
+                         "dotted overrides, values read as YAML")
     launch.add_argument("--dry-run", action="store_true",
                         help="print the resolved recipe, derived values and target; run nothing")
     launch.add_argument("--world-size", type=_world_sizes, default=None, metavar="N[,N...]",
                         help="also show derived values for these world sizes")
-    launch.add_argument("--smoke", action="store_true",
-                        help="the recipe's model and optimisation, a few steps on the built-in "
-                        "digits at 64 px: check a recipe before queueing it")
     launch.add_argument("--nproc", type=int, default=1,
                         help="local processes (DDP; gloo on CPU, NCCL on GPUs)")
     launch.add_argument("--run-id", default=None,
@@ -93,9 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="the papers' tables beside measured runs, verdicts",
                             description="Markdown report of every paper row beside the runs "
-                            "found under PATHS, with plots; re-renders reports/architecture.md "
-                            "from its JSON.")
-    report.add_argument("paths", nargs="*", default=["runs"], help="run directories or runs/")
+                            "found under PATHS, with plots; re-renders every other report "
+                            "beside it (architecture, throughput_cpu, data_loading, "
+                            "augment_parity) from its saved JSON.")
+    report.add_argument("paths", nargs="*", default=[],
+                        help="run directories, or a folder of them (default runs/)")
     report.add_argument("--paper", help="only this paper")
     report.add_argument("--out", default="reports/results.md", help="markdown path")
 
@@ -112,12 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_launch(args) -> int:
     from repro.launch import local, plan
+    from repro.recipe import load_recipe
 
     if args.cluster:
         return _launch_slurm(args)
     if args.array:
         raise SystemExit("repro launch: error: --array needs --cluster")
-    recipe = local.resolve(args.recipe, args.overrides, args.smoke)
+    recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
     if args.dry_run:
         print(plan.render(recipe, args.world_size))
         return 0
@@ -172,21 +173,29 @@ def cmd_report(args) -> int:
 
     if args.paper:
         papers.load_paper(args.paper)  # unknown paper: one-line error
-    paths = [Path(p) for p in args.paths]
+    paths = [Path(p) for p in args.paths or ["runs"]]
+    out = Path(args.out)
+    if not args.paths and not paths[0].exists():
+        # Nothing to tabulate here (e.g. a fresh clone): keep results.md, re-render the rest.
+        print(f"no run directories under {paths[0]}/: {out} left as it is")
+        return _rerender(out.parent)
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such run directory")
-    out = Path(args.out)
     runs = results.load_runs(paths)
     plots = results.plot(runs, out.parent / "plots", rel_to=out.parent)
-    command = "repro report " + " ".join(args.paths) + (
+    command = "repro report " + " ".join(map(str, paths)) + (
         f" --paper {args.paper}" if args.paper else "") + f" --out {args.out}"
     atomic_write_text(out, results.render(runs, paper=args.paper, command=command, plots=plots))
     print(f"{len(runs)} run(s) -> {out} (plots in {out.parent / 'plots'})")
-    # Every other report is re-rendered from its saved JSON, never edited.
+    return _rerender(out.parent)
+
+
+def _rerender(reports_dir: Path) -> int:
+    """Every other report is re-rendered from its saved JSON, never edited."""
     from repro.report import rerender
 
-    for md in rerender(out.parent):
+    for md in rerender(reports_dir):
         print(f"re-rendered {md} from {md.with_suffix('.json').name}")
     return 0
 
@@ -209,15 +218,16 @@ def cmd_verify(args) -> int:
     import time
 
     from repro.measure import verify
+    from repro.report import architecture
 
     if args.row and not args.paper:
         raise SystemExit("repro verify: error: --row needs --paper")
     start = time.perf_counter()
     data = verify.run(args.paper, args.row)
-    print(verify.summary(data))
-    out = args.out or (None if args.paper or args.row else verify.DEFAULT_REPORT)
+    print(architecture.summary(data))
+    out = args.out or (None if args.paper or args.row else architecture.DEFAULT_REPORT)
     if out:
-        md, js = verify.write_report(data, out)
+        md, js = architecture.write(data, out)
         print(f"wrote {md} and {js}")
     print(f"counted {len(data['rows'])} rows in {time.perf_counter() - start:.1f} s")
     return 1 if verify.failures(data) else 0

@@ -127,6 +127,11 @@ class Run:
 
     # paths
     @property
+    def recipe_name(self) -> str:
+        """The recipe's name: runs live at <output_dir>/<recipe>/<run-id>."""
+        return self.path.parent.name
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

@@ -16,11 +16,11 @@ from timm.data import auto_augment as taa
 
 from repro.data import augment as A
 from repro.data import augment_ops as O
-from repro.data import policy as P
 from repro.data.augment_layers import policy_layers
 from repro.data.augment_pixel import posterize
 from repro.data.folder import _posterize, train_transform
 from repro.recipe import RecipeError, load_recipe
+from repro.recipe import policy as P
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

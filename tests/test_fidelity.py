@@ -14,7 +14,6 @@ import torch
 
 from repro.cli import main
 from repro.data.builtin import ensure_digits
-from repro.launch.local import resolve
 from repro.recipe import DATA_PATHS, Recipe, load_recipe, path_report
 from repro.train import distributed
 from repro.train.optim import build_optimizer
@@ -48,7 +47,7 @@ def test_every_data_and_aug_key_is_consumed_or_declared(fmt, tmp_path):
     digits = ensure_digits(32)
     train_path, val_path = ((digits.train_beton, digits.val_beton) if fmt == "ffcv" else
                             (digits.train_dir, digits.val_dir))
-    r = resolve(str(ROOT / "recipes/quickstart.yaml"), [
+    r = load_recipe(str(ROOT / "recipes/quickstart.yaml"), [
         f"data.format={fmt}", "data.dataset=imagenet", f"data.train_path={train_path}",
         f"data.val_path={val_path}", "data.train_images=1437", "data.repeated_aug=true",
         "data.hflip=0.5", "aug.auto_augment=rand-m9-mstd0.5-inc1", "aug.color_jitter=0.4",
@@ -106,7 +105,7 @@ def test_an_ffcv_deviation_is_listed_with_its_value():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_smoke_keeps_the_recipes_augmentation(recipe):
     full = load_recipe(recipe)
-    smoke = resolve(str(recipe), [], smoke=True)
+    smoke = load_recipe(str(recipe), [], smoke=True)
     assert smoke.aug == full.aug
     assert smoke.data.repeated_aug == full.data.repeated_aug
     assert smoke.data.interpolation == full.data.interpolation

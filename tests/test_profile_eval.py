@@ -13,7 +13,7 @@ import timm
 import torch
 
 import repro.models  # noqa: F401  (registers vit_c_nano, cvt_13)
-from repro.launch.local import resolve
+from repro.recipe import load_recipe
 from repro.train import checkpoint, evaluate, profile
 from repro.train.run import train
 
@@ -71,7 +71,7 @@ def test_profile_writes_a_trace_the_tensorboard_plugin_loads(tmp_path, capsys):
 
 
 def test_eval_of_a_run_equals_the_trainers_final_eval(tmp_path, capsys):
-    recipe = resolve(QUICKSTART, [*SMALL, f"train.output_dir={tmp_path}/runs",
+    recipe = load_recipe(QUICKSTART, [*SMALL, f"train.output_dir={tmp_path}/runs",
                                   "schedule.epochs=1", "schedule.warmup_epochs=0.2",
                                   "train.ema=0.9", "train.global_batch=32",
                                   "data.batch_size=32"], smoke=False)

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from repro.cli import main
-from repro.launch.local import launch, resolve
+from repro.launch.local import launch
+from repro.recipe import load_recipe
+from repro.rundir import RunExists
 from repro.train import checkpoint
-from repro.train.run import RunExists, train
+from repro.train.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes/quickstart.yaml")
@@ -19,7 +21,7 @@ QUICKSTART = str(ROOT / "recipes/quickstart.yaml")
 
 def recipe(tmp_path, *overrides, fmt="folder"):
     """The quickstart recipe, small and on the ImageFolder path unless asked otherwise."""
-    return resolve(QUICKSTART, [f"train.output_dir={tmp_path}/runs", f"data.format={fmt}",
+    return load_recipe(QUICKSTART, [f"train.output_dir={tmp_path}/runs", f"data.format={fmt}",
                                 "train.log_every_steps=1", "data.workers=0",
                                 "train.device=cpu", *overrides], smoke=False)
 

@@ -9,7 +9,7 @@ training device (the GPU on a cluster; the CPU here), before normalisation.
 Semantics are timm's, op for op, and each sample draws its own ops, application and magnitudes:
 
 - the policy string is parsed as timm parses it, with timm's op sets and policies
-  (repro.data.policy);
+  (repro.recipe.policy);
 - each sample draws its ops, their application, magnitudes and signs as timm does
   (repro.data.augment_layers);
 - each op reproduces PIL's arithmetic (Pillow 13): `Image.blend`'s float32 blend and truncation
@@ -37,7 +37,7 @@ import torch
 
 from repro.data.augment_layers import Layer, apply_layers, jitter_layers, policy_layers, steps
 from repro.data.augment_ops import cpu_kernels, cpu_run
-from repro.data.policy import Policy, parse_policy
+from repro.recipe.policy import Policy, parse_policy
 
 __all__ = ["auto_augment", "AutoAugment", "fill_color", "color_jitter", "TrainTail",
            "batch_seed"]

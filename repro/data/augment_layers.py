@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from repro.data.augment_ops import OPS, cpu_kernels, cpu_run
-from repro.data.policy import LEVEL_DENOM, Policy
+from repro.recipe.policy import LEVEL_DENOM, Policy
 
 
 @dataclass

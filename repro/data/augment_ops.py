@@ -26,7 +26,7 @@ from repro.data.augment_pixel import (
     solarize,
     solarize_add,
 )
-from repro.data.policy import LEVEL_DENOM
+from repro.recipe.policy import LEVEL_DENOM
 
 # --------------------------------------------------------------------------------------------
 # Level functions: timm's `LEVEL_TO_ARG`, vectorised over float64 magnitudes. `sign` is -1 where

@@ -9,16 +9,8 @@ from pathlib import Path
 import torch
 
 from repro import rundir
-from repro.recipe import Recipe, load_recipe
+from repro.recipe import Recipe
 from repro.train import distributed
-
-
-def resolve(recipe_path: str, overrides: list[str], smoke: bool) -> Recipe:
-    """The recipe as it will run (`--smoke` overrides first, so the user's win)."""
-    from repro.train.run import smoke_overrides
-
-    pre = smoke_overrides(load_recipe(recipe_path, overrides)) if smoke else []
-    return load_recipe(recipe_path, [*pre, *overrides])
 
 
 def _worker(rank: int, world: int, port: int, recipe: Recipe, smoke: bool, run_id: str):

@@ -85,7 +85,7 @@ def render(recipe: Recipe, extra_world_sizes: list[int] | None = None) -> str:
         *target_lines(recipe),
         f"model      {recipe.model.name}",
         f"launch     {recipe.launch.nodes} node(s) x {recipe.launch.gpus_per_node} GPU(s) = "
-        f"world size {own}",
+        f"world size {own} as a --cluster job on GPUs (locally: --nproc)",
         f"data       {recipe.data.format}",
         *path_lines(recipe),
         "",

@@ -14,22 +14,17 @@ import contextlib
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 
 from repro import rundir
+from repro.config import key as _f
+from repro.config import load_typed
 from repro.errors import UserError
-from repro.recipe import Recipe, load_typed
-
-
-def _f(default, doc: str):
-    meta = {"doc": doc, "scientific": False, "check": None}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+from repro.recipe import Recipe, load_recipe
 
 
 @dataclass(kw_only=True)
@@ -40,7 +35,8 @@ class ClusterProfile:
     account: str | None = _f(None, "sbatch --account")
     qos: str | None = _f(None, "sbatch --qos")
     constraint: str | None = _f(None, "sbatch --constraint, e.g. volta32gb")
-    gpus_per_node: int = _f(8, "GPUs per node (0: a CPU cluster)")
+    gpus_per_node: int = _f(8, "GPUs per node (0: a CPU cluster); a job uses the recipe's "
+                             "launch.gpus_per_node of them")
     tasks_per_node: int | None = _f(None, "processes per node on a CPU cluster (default 1); "
                                           "on GPUs it is gpus_per_node")
     cpus_per_task: int = _f(10, "CPU cores per task (data-loading workers live here)")
@@ -93,7 +89,10 @@ def _absolute(recipe: Recipe, cwd: Path) -> None:
 def sbatch_parameters(recipe: Recipe, cluster: ClusterProfile, nodes: int | None) -> dict:
     """submitit's Slurm parameters for this recipe on this cluster."""
     nodes = nodes or recipe.launch.nodes
-    gpus = cluster.gpus_per_node
+    gpus = recipe.launch.gpus_per_node if cluster.gpus_per_node else 0
+    if gpus > cluster.gpus_per_node:
+        raise SubmissionError(f"{recipe.path}: launch.gpus_per_node: {gpus} but the cluster "
+                              f"profile has gpus_per_node {cluster.gpus_per_node}")
     tasks = gpus if gpus else (cluster.tasks_per_node or 1)
     params: dict[str, Any] = {
         "nodes": nodes, "tasks_per_node": tasks, "cpus_per_task": cluster.cpus_per_task,
@@ -129,14 +128,12 @@ def submit(recipe_path: str, overrides: list[str], cluster_path: str, *, nodes: 
            smoke: bool = False, run_id: str | None = None, seeds: list[int] | None = None,
            dry_run: bool = False) -> list[dict]:
     """Submit one job (or an array, one per seed); returns a record per job."""
-    from repro.launch.local import resolve
-
     cluster = load_cluster(cluster_path)
     cwd = Path.cwd()
     recipes = []
     for seed in seeds or [None]:
         extra = [f"train.seed={seed}"] if seed is not None else []
-        r = resolve(recipe_path, [*overrides, *extra], smoke)
+        r = load_recipe(recipe_path, [*overrides, *extra], smoke=smoke)
         _absolute(r, cwd)
         rid = rundir.choose_run_id(f"{run_id}-s{seed}" if seeds and run_id else run_id,
                                    r.train.run_id, r.train.seed)

@@ -1,4 +1,5 @@
-"""Measurements of models: complexity (params, multiply-adds), throughput, profiles."""
+"""Measurements of models: complexity (params, multiply-adds), paper-row checks (verify),
+throughput (timing, cpuload, fuse, steps, machine facts)."""
 
 
 def positive_int(text: str) -> int:

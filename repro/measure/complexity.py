@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import repro.models  # noqa: F401  (registers the papers' models with timm)
+from repro import models
 
 __all__ = ["Complexity", "count", "count_model", "count_real", "disable_fused_attention"]
 
@@ -41,16 +40,6 @@ class Complexity:
         return self.flops / 2 / 1e9
 
 
-def _create(name: str, resolution: int, **kwargs) -> torch.nn.Module:
-    """timm model at `resolution`; img_size is passed only to models whose input size is fixed."""
-    cfg = timm.models.get_pretrained_cfg(name)
-    default = cfg.input_size[-1] if cfg is not None else 224
-    fixed = cfg is None or getattr(cfg, "fixed_input_size", False)
-    if resolution != default and fixed:
-        kwargs.setdefault("img_size", resolution)
-    return timm.create_model(name, **kwargs)
-
-
 def count_model(model: torch.nn.Module, resolution: int, name: str = "") -> Complexity:
     """Count an existing model (meta or real) on a batch-1 input of its device."""
     p = next(model.parameters())
@@ -72,7 +61,7 @@ def count_model(model: torch.nn.Module, resolution: int, name: str = "") -> Comp
 def count(name: str, resolution: int = 224, num_classes: int = 1000) -> Complexity:
     """Params and FLOPs of timm model `name` at `resolution`, on the meta device."""
     with torch.device("meta"):
-        model = _create(name, resolution, num_classes=num_classes)
+        model = models.create(name, resolution, num_classes=num_classes)
     return count_model(model, resolution, name)
 
 
@@ -88,7 +77,7 @@ def disable_fused_attention(model: torch.nn.Module) -> int:
 
 def count_real(name: str, resolution: int = 224, fused: bool = False, **kwargs) -> Complexity:
     """The same count on real CPU tensors (slow; for cross-checks), fused attention off."""
-    model = _create(name, resolution, **kwargs)
+    model = models.create(name, resolution, **kwargs)
     if not fused:
         disable_fused_attention(model)
     return count_model(model, resolution, name)

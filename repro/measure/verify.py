@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas as pd
 import timm
 import torch
-from tabulate import tabulate
 
 from repro import papers
-from repro.io import atomic_write_json, atomic_write_text
 from repro.measure.complexity import count
-
-DEFAULT_REPORT = "reports/architecture.md"
 
 # Tolerances, relative to the paper's number (DESIGN.md, "Conventions that matter for honesty").
 PARAMS_TOL = 0.01
@@ -108,30 +103,3 @@ def failures(data: dict) -> list[str]:
     """Model rows (not baselines) out of tolerance: these make `repro verify` exit 1."""
     return [r["id"] for r in data["rows"]
             if not r["baseline"] and r["verdict"] == "OUT OF TOLERANCE"]
-
-
-def summary(data: dict) -> str:
-    """The terminal table."""
-    def pct(v):
-        return "–" if v is None else f"{100 * v:+.1f}%"
-
-    body = [[r["id"], r["model"], r["resolution"], r["params_m_paper"], r["params_m"],
-             pct(r["params_rel"]), r["gmacs_paper"], r["gmacs"], pct(r["gmacs_rel"]),
-             r["verdict"] + (" (baseline)" if r["baseline"] else "")] for r in data["rows"]]
-    head = ["row", "model", "res", "params paper (M)", "counted", "Δ", "GMACs paper",
-            "counted", "Δ", f"verdict (±{100 * PARAMS_TOL:g}% params, ±{100 * GMACS_TOL:g}% FLOPs)"]
-    bad = failures(data)
-    tail = f"{len(bad)} model row(s) out of tolerance: {', '.join(bad)}" if bad else \
-        "every model row within tolerance"
-    return tabulate(body, head, tablefmt="simple", floatfmt="g") + "\n" + tail
-
-
-def write_report(data: dict, out: str | Path = DEFAULT_REPORT) -> tuple[Path, Path]:
-    """Save the JSON record and the markdown rendered from it, each written atomically."""
-    from repro.report.architecture import render
-
-    md = Path(out)
-    js = md.with_suffix(".json")
-    atomic_write_json(js, data)
-    atomic_write_text(md, render(data))
-    return md, js

@@ -109,16 +109,8 @@ def _dw_bn(dim: int, stride: int) -> nn.Sequential:
 class ConvAttention(nn.Module):
     """Multi-head attention whose q/k/v come from a conv projection followed by a linear one."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        stride_kv: int = 2,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        has_cls_token: bool = False,
-    ):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, stride_kv: int = 2,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, has_cls_token: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -165,17 +157,9 @@ class ConvAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with convolutional attention."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        has_cls_token: bool = False,
-    ):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 has_cls_token: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = ConvAttention(

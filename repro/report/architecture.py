@@ -7,10 +7,14 @@ regenerated without counting again and is never edited by hand.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from tabulate import tabulate
 
 from repro import papers
+from repro.io import atomic_write_json, atomic_write_text
+
+DEFAULT_REPORT = "reports/architecture.md"
 
 HEADER = """\
 # Architecture: parameters and FLOPs, paper vs counted
@@ -100,3 +104,30 @@ def render(data: dict) -> str:
                 "not gating; the suite's `coatnet_N` follow Eq. 5.", "",
                 tabulate(body, head, tablefmt="github", disable_numparse=True)]
     return "\n".join(out) + "\n"
+
+
+def summary(data: dict) -> str:
+    """The terminal table of a `repro.measure.verify.run` record."""
+    def pct(v):
+        return "–" if v is None else f"{100 * v:+.1f}%"
+
+    body = [[r["id"], r["model"], r["resolution"], r["params_m_paper"], r["params_m"],
+             pct(r["params_rel"]), r["gmacs_paper"], r["gmacs"], pct(r["gmacs_rel"]),
+             r["verdict"] + (" (baseline)" if r["baseline"] else "")] for r in data["rows"]]
+    head = ["row", "model", "res", "params paper (M)", "counted", "Δ", "GMACs paper",
+            "counted", "Δ", f"verdict (±{100 * data['meta']['params_tol']:g}% params, "
+            f"±{100 * data['meta']['gmacs_tol']:g}% FLOPs)"]
+    bad = [r["id"] for r in data["rows"]
+           if not r["baseline"] and r["verdict"] == "OUT OF TOLERANCE"]
+    tail = f"{len(bad)} model row(s) out of tolerance: {', '.join(bad)}" if bad else \
+        "every model row within tolerance"
+    return tabulate(body, head, tablefmt="simple", floatfmt="g") + "\n" + tail
+
+
+def write(data: dict, out: str | Path = DEFAULT_REPORT) -> tuple[Path, Path]:
+    """Save the JSON record and the markdown rendered from it, each written atomically."""
+    md = Path(out)
+    js = md.with_suffix(".json")
+    atomic_write_json(js, data)
+    atomic_write_text(md, render(data))
+    return md, js

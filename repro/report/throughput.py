@@ -17,8 +17,11 @@ OVERHEAD_BAR = 0.03  # the trainer may cost at most this share more per step tha
 
 
 def md_table(header: list[str], rows: list[list]) -> list[str]:
-    """The lines of a markdown table (github format; cells as given, not parsed as numbers)."""
-    return tabulate(rows, header, tablefmt="github", disable_numparse=True).splitlines()
+    """The lines of a markdown table: the first column left-aligned, the figures right-aligned;
+    cells as given, not parsed as numbers."""
+    align = ("left",) + ("right",) * (len(header) - 1)
+    return tabulate(rows, header, tablefmt="pipe", colalign=align,
+                    disable_numparse=True).splitlines()
 
 
 def _pct(v: float) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from repro import rundir
 from repro.data import DataError, build_loaders
 from repro.io import atomic_write_json
 from repro.measure import positive_int
@@ -70,10 +71,11 @@ def resolve_target(target: str, overrides: list[str]) -> tuple[Recipe, Path | No
     path = Path(target)
     if not path.is_dir():
         return load_recipe(path, overrides), None
-    if not (path / "recipe.yaml").is_file():
+    run = rundir.Run(path)
+    if not run.file("recipe.yaml").is_file():
         raise RecipeError(path, None, "not a run directory (no recipe.yaml in it)")
-    recipe = load_recipe(path / "recipe.yaml", overrides)  # resolved: overrides included
-    recipe.name = path.parent.name  # runs/<recipe>/<run-id>
+    recipe = load_recipe(run.file("recipe.yaml"), overrides)  # resolved: overrides included
+    recipe.name = run.recipe_name
     return recipe, path
 
 
@@ -82,7 +84,7 @@ def checkpoint_path(recipe: Recipe, run: Path | None, given: str | None) -> Path
     if given:
         return Path(given)
     if run is not None:
-        return run / "checkpoints" / "last.pt"
+        return rundir.Run(run).last_checkpoint
     if recipe.model.pretrained_file:
         return Path(recipe.model.pretrained_file)
     raise RecipeError(recipe.path, None, "no checkpoint to evaluate: pass --checkpoint PATH "
@@ -153,7 +155,7 @@ def _evaluate(recipe: Recipe, checkpoint: Path, run_dir: Path | None, env) -> di
     seconds = time.perf_counter() - started
     if not env.is_main:
         return None
-    out = run_dir / "eval.json" if run_dir is not None else \
+    out = rundir.Run(run_dir).file("eval.json") if run_dir is not None else \
         checkpoint.with_name(checkpoint.stem + ".eval.json")
     record = {
         "schema_version": 1,

@@ -30,9 +30,10 @@ from repro.data import DataError
 from repro.io import atomic_write_json, atomic_write_text
 from repro.measure import positive_int
 from repro.recipe import Recipe, load_recipe
+from repro.recipe import add_arguments as add_recipe_arguments
 from repro.train import distributed
 from repro.train.loop import RunState, train_one_epoch
-from repro.train.run import build, smoke_overrides
+from repro.train.run import build
 
 TOP_ROWS = 25
 
@@ -55,30 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="repro profile",
         description="Profile a recipe's training steps with torch.profiler: a TensorBoard "
         "(torch-tb-profiler) trace, a Chrome/Perfetto trace.json and a top-operators table.")
-    p.add_argument("recipe", help="recipe YAML, e.g. recipes/levit_256.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="dotted overrides, values read as YAML (e.g. profile.warmup=2)")
+    add_recipe_arguments(p, "recipes/levit_256.yaml",
+                         "dotted overrides, values read as YAML (e.g. profile.warmup=2)")
     p.add_argument("--steps", type=positive_int, default=None, metavar="N",
                    help="active (recorded) steps per cycle; default the recipe's profile.active")
-    p.add_argument("--smoke", action="store_true",
-                   help="the recipe's model and optimisation on the built-in digits at 64 px "
-                   "(as `repro launch --smoke`)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default: <train.output_dir>/<recipe>/"
                    "profile-<timestamp>)")
     return p
 
 
-def resolve(recipe_path: str, overrides: list[str], smoke: bool) -> Recipe:
-    """The recipe as it will be profiled (`--smoke` overrides first, so the user's win)."""
-    pre = smoke_overrides(load_recipe(recipe_path, overrides)) if smoke else []
-    return load_recipe(recipe_path, [*pre, *overrides])
-
-
 def run_cli(argv: list[str]) -> int:
     """`repro profile`: profile, print the table and the files written; the exit status."""
     args = build_parser().parse_intermixed_args(argv)
-    recipe = resolve(args.recipe, args.overrides, args.smoke)
+    recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
     result = profile(recipe, active=args.steps, out=args.out, smoke=args.smoke)
     if result is None:  # a rank other than 0 under torchrun
         return 0

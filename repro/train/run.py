@@ -21,7 +21,6 @@ from tqdm import tqdm
 from repro import models, rundir
 from repro.data import build_loaders
 from repro.recipe import Derived, Recipe, RecipeError, derive
-from repro.rundir import RunExists  # noqa: F401  (raised when relaunching a completed run)
 from repro.train import checkpoint, distributed, record
 from repro.train.loop import RunState, StepConfig, TrainingDiverged, evaluate, train_one_epoch
 from repro.train.optim import (
@@ -31,17 +30,6 @@ from repro.train.optim import (
     build_optimizer,
     build_scheduler,
 )
-
-
-def smoke_overrides(recipe: Recipe) -> list[str]:
-    """`--smoke`: the recipe's model and optimisation, a few steps on the built-in data at a
-    small resolution, to check a recipe on a laptop before queueing it."""
-    res = 64
-    return ["data.dataset=digits", f"data.resolution={res}", f"eval.resolution={res}",
-            "data.train_images=null", "data.batch_size=8", "train.global_batch=16",
-            "eval.batch_size=64", "model.num_classes=10", "train.max_steps=4",
-            "train.log_every_steps=1", "data.workers=2", "train.amp=none",
-            "train.compile=false", "train.device=cpu"]
 
 
 def create_model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
