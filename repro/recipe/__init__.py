@@ -30,6 +30,7 @@ __all__ = [
     "field_docs",
     "path_report",
     "smoke_overrides",
+    "add_arguments",
     "DATA_PATHS",
     "IMAGENET_TRAIN_IMAGES",
 ]

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
 from torch.profiler import ProfilerActivity, schedule, tensorboard_trace_handler
 
 from repro.data import DataError
@@ -31,6 +30,7 @@ from repro.io import atomic_write_json, atomic_write_text
 from repro.measure import positive_int
 from repro.recipe import Recipe, load_recipe
 from repro.recipe import add_arguments as add_recipe_arguments
+from repro.report import profile as profile_report
 from repro.train import distributed
 from repro.train.loop import RunState, train_one_epoch
 from repro.train.run import build
@@ -115,7 +115,7 @@ def _profile(recipe: Recipe, env, *, active, out, smoke) -> ProfileResult | None
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     worker = f"{socket.gethostname()}_{os.getpid()}"  # the handler's default, made known
     tb_handler = tensorboard_trace_handler(str(tb_dir), worker_name=worker)
-    tables: list[str] = []
+    cycles: list[dict] = []  # each cycle's top operators
     suffix = f"-rank{env.rank}" if env.distributed else ""
 
     def on_trace_ready(prof) -> None:
@@ -128,9 +128,7 @@ def _profile(recipe: Recipe, env, *, active, out, smoke) -> ProfileResult | None
         name = f"trace{suffix}.json" if pc.repeat == 1 else f"trace{suffix}-{cycle}.json"
         _link_or_copy(written, out_dir / name)
         result.chrome_traces.append(out_dir / name)
-        title = f"## Cycle {cycle} of {pc.repeat}\n\n" if pc.repeat > 1 else ""
-        tables.append(title + top_ops_table(prof.key_averages(), cuda=cuda,
-                                            memory=pc.profile_memory))
+        cycles.append(top_ops(prof.key_averages(), cuda=cuda, memory=pc.profile_memory))
 
     total = (pc.wait + pc.warmup + active) * pc.repeat
     state = RunState()
@@ -168,28 +166,11 @@ def _profile(recipe: Recipe, env, *, active, out, smoke) -> ProfileResult | None
 
     if not env.is_main:
         return None
-    header = [
-        f"# Top operators: {recipe.name} ({recipe.model.name})"
-        + (" --smoke: built-in digits, a few steps" if smoke else ""),
-        "",
-        f"Device {env.device} (world size {env.world_size}), micro-batch {d.micro_batch} x "
-        f"{d.accum_steps} accumulation = {d.per_device_batch} images per step per device, "
-        f"resolution {recipe.data.resolution}, amp {t.amp}, channels_last {t.channels_last}, "
-        f"compile {t.compile}, data {loaders.format}. Schedule: wait {pc.wait}, warm-up "
-        f"{pc.warmup}, active {active}, repeat {pc.repeat}. Times are totals over the "
-        f"{active} active steps of a cycle; sorted by self CPU time.",
-    ]
-    if teacher_note:
-        header += ["", f"Note: the teacher is untrained ({recipe.distill.teacher_file} not "
-                   "found); its cost, not its weights, is what is measured."]
-    result.table = tables[-1] if tables else ""
-    result.top_ops = atomic_write_text(out_dir / "top_ops.md",
-                                       "\n".join(header) + "\n\n" + "\n\n".join(tables) + "\n")
     rel = [str(p.relative_to(out_dir)) for p in (*result.tb_traces, *result.chrome_traces)]
     atomic_write_text(out_dir / "recipe.yaml", f"# resolved from {recipe.path}" + (
         f" with overrides: {' '.join(recipe.overrides)}" if recipe.overrides else "") + "\n"
         + recipe.to_yaml())
-    result.record = atomic_write_json(out_dir / "profile.json", {
+    record = {
         "recipe": recipe.path, "name": recipe.name, "model": recipe.model.name,
         "overrides": recipe.overrides, "smoke": smoke, "device": str(env.device),
         "world_size": env.world_size, "torch": torch.__version__,
@@ -200,7 +181,12 @@ def _profile(recipe: Recipe, env, *, active, out, smoke) -> ProfileResult | None
         "accum_steps": d.accum_steps, "amp": t.amp, "channels_last": t.channels_last,
         "compile": t.compile, "data_format": loaders.format, "steps_run": done,
         "wall_time_s": wall, "files": rel + ["top_ops.md", "recipe.yaml"],
-    })
+        "resolution": recipe.data.resolution, "teacher_file": recipe.distill.teacher_file,
+        "teacher_note": teacher_note, "top_ops": cycles,
+    }
+    result.record = atomic_write_json(out_dir / "profile.json", record)
+    result.top_ops = atomic_write_text(out_dir / "top_ops.md", profile_report.render(record))
+    result.table = profile_report.table(cycles[-1]) if cycles else ""
     return result
 
 
@@ -212,8 +198,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def top_ops_table(averages, *, cuda: bool, memory: bool, rows: int = TOP_ROWS) -> str:
-    """Markdown of `key_averages()`: top operators by self CPU time (and by CUDA time on GPUs)."""
+def top_ops(averages, *, cuda: bool, memory: bool, rows: int = TOP_ROWS) -> dict:
+    """The top operators of `key_averages()` by self CPU time (and by CUDA time on GPUs), as
+    table rows for repro.report.profile."""
     events = list(averages)
     cpu_total = sum(e.self_cpu_time_total for e in events) or 1.0
     dev_total = sum(e.self_device_time_total for e in events) or 1.0
@@ -234,9 +221,6 @@ def top_ops_table(averages, *, cuda: bool, memory: bool, rows: int = TOP_ROWS) -
     if memory:
         head.append("self CPU mem (MiB)")
     by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    text = tabulate([row(e) for e in by_cpu], head, tablefmt="github", floatfmt=".3f")
-    if cuda:
-        by_dev = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
-        text += "\n\nBy self CUDA time:\n\n" + tabulate([row(e) for e in by_dev], head,
-                                                         tablefmt="github", floatfmt=".3f")
-    return text
+    by_dev = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    return {"head": head, "by_cpu": [row(e) for e in by_cpu],
+            "by_cuda": [row(e) for e in by_dev] if cuda else None}
