@@ -14,6 +14,7 @@ DELEGATED = {
 }
 
 EXIT_ERROR = 1  # bad input: a recipe, paper table or path problem, reported in one line
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 
 def _world_sizes(text: str) -> list[int]:
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser(
         "verify", help="params and FLOPs of every paper row against the paper",
         description="Count params and multiply-adds of every paper row's model on the meta "
-        "device and compare with the paper (params within 1 %%, FLOPs within 5 %%).")
+        "device and compare with the paper (params within 1 %, FLOPs within 5 %).")
     verify.add_argument("--paper", help="only this paper (coatnet, levit, cvt, earlyconv)")
     verify.add_argument("--row", help="only this row of --paper, e.g. ViT_C-18GF")
     verify.add_argument("--out", default=None, metavar="MD",
@@ -81,11 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                       help="unreadable images: skip and list them (default), or stop")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    conv.add_argument("--labels", metavar="FILE", default=None,
+                      help="SRC is a flat folder of images (ImageNet's validation set): label "
+                      "them from FILE, a CSV of file,synset (e.g. LOC_val_solution.csv) or one "
+                      "synset per line in sorted file-name order")
     conv.add_argument("--eval-protocol", metavar="RES,CROP_PCT,INTERP", default=None,
                       help="write an evaluation file: each image resized (shorter side to "
                       "RES / CROP_PCT, bilinear|bicubic) and centre-cropped to RES with PIL, as "
                       "the recipes' eval protocol does, stored raw; default name e.g. "
                       "val_224_0.875_bicubic.beton")
+    check = dsub.add_parser("check", help="check a .beton against its conversion record "
+                            "(size and sha256)")
+    check.add_argument("beton", help=".beton file written by repro data convert")
     dig = dsub.add_parser("digits", help="build the built-in digits set (done on first use)")
     dig.add_argument("--size", type=int, default=32, help="image side in px (default 32)")
 
@@ -97,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("paths", nargs="*", default=[],
                         help="run directories, or a folder of them (default runs/)")
     report.add_argument("--paper", help="only this paper")
-    report.add_argument("--out", default="reports/results.md", help="markdown path")
+    report.add_argument("--out", default="reports/results.md",
+                        help="markdown path (default reports/results.md: the committed report; "
+                        "its plots go to plots/ beside it)")
 
     status = sub.add_parser("status", help="state of local and Slurm runs")
     status.add_argument("path", nargs="?", default="runs", help="a run directory or runs/")
@@ -131,10 +141,10 @@ def cmd_launch(args) -> int:
     if r is None:
         print(f"run ?: {path}  (no results.json)")
         return 0
-    top1 = {k: round(v, 2) for k, v in r.metrics.items() if k.startswith("final/") and
-            k.endswith("top1")}
+    top1 = ", ".join(f"{k.removeprefix('final/')} {v:.2f}" for k, v in r.metrics.items()
+                     if k.startswith("final/") and k.endswith("top1"))
     print(f"run {r.status}: {path}  (epochs {r.epochs_done}/{r.epochs_planned}, steps "
-          f"{r.steps_done}; {top1})")
+          f"{r.steps_done}; {top1 or 'no evaluation'})")
     return 0
 
 
@@ -182,7 +192,9 @@ def cmd_report(args) -> int:
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such run directory")
-    runs = results.load_runs(paths)
+    runs, skipped = results.load_runs(paths)
+    for problem in skipped:
+        print(f"repro report: warning: skipped {problem}", file=sys.stderr)
     plots = results.plot(runs, out.parent / "plots", rel_to=out.parent)
     command = "repro report " + " ".join(map(str, paths)) + (
         f" --paper {args.paper}" if args.paper else "") + f" --out {args.out}"
@@ -202,6 +214,7 @@ def _rerender(reports_dir: Path) -> int:
 
 def cmd_status(args) -> int:
     from repro.launch import status
+    from repro.rundir import RunError
 
     path = Path(args.path)
     if not path.exists():
@@ -210,7 +223,13 @@ def cmd_status(args) -> int:
     if not runs:
         print(f"no runs under {path}")
         return 0
-    print(status.render([status.describe(r) for r in runs]))
+    rows = []
+    for run in runs:
+        try:
+            rows.append(status.describe(run))
+        except RunError as e:  # one damaged run does not hide the others
+            print(f"repro status: warning: skipped {e}", file=sys.stderr)
+    print(status.render(rows))
     return 0
 
 
@@ -244,6 +263,19 @@ def cmd_data(args) -> int:
               + (f", {paths.train_beton}, {paths.val_beton}" if paths.train_beton.exists()
                  else " (no .beton: FFCV is not installed)"))
         return 0
+    if args.data_command == "check":
+        from repro.data.beton import verify
+
+        if not Path(args.beton).is_file():
+            raise FileNotFoundError(f"{args.beton}: no such .beton file")
+        side = verify(args.beton, full=True)
+        if side is None or "sha256" not in side:
+            raise data.DataError(f"{args.beton}: no size or checksum recorded in "
+                                 f"{args.beton}.json (converted before they were): nothing to "
+                                 "check against")
+        print(f"{args.beton}: {side['size']} bytes, sha256 {side['sha256'][:16]}…: matches its "
+              "conversion record")
+        return 0
     if not data.ffcv_available():
         raise data.DataError("repro data convert needs FFCV: `make install`, or apt-get install "
                              "libopencv-dev libturbojpeg0-dev pkg-config && pip install -e "
@@ -261,7 +293,8 @@ def cmd_data(args) -> int:
                                  "RES,CROP_PCT,INTERP, e.g. 224,0.875,bicubic") from None
     record = convert(args.src, args.dst, max_res=args.max_res or None, quality=args.quality,
                      compress_prob=args.compress_prob, workers=args.workers,
-                     on_error=args.on_error, overwrite=args.overwrite, eval_protocol=protocol)
+                     on_error=args.on_error, overwrite=args.overwrite, eval_protocol=protocol,
+                     labels=args.labels)
     dst = record["destination"]
     print(f"wrote {dst}: {record['num_images']} images, {record['num_classes']} classes; "
           f"skipped {record['skipped_count']} unreadable (listed in {sidecar_path(dst)})")
@@ -302,6 +335,9 @@ def _guarded(command: str, fn) -> int:
     except (UserError, FileNotFoundError) as e:
         print(f"repro {command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"repro {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

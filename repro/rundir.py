@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
 import json
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,13 @@ class RunExists(UserError, RuntimeError):
     """The run id names a run that has finished: relaunching would overwrite it."""
 
 
+class RunBusy(UserError, RuntimeError):
+    """Another live launch holds the run directory."""
+
+
+LOCK = ".lock"  # held (fcntl.flock) by the launch that runs the directory; see Run.hold
+
+
 def new_run_id(seed: int) -> str:
     """The default run id: launch time and seed, e.g. `20261202-154501-s0`."""
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-s{seed}"
@@ -46,15 +56,19 @@ def new_run_id(seed: int) -> str:
 
 def check_run_id(run_id: str) -> str:
     """A run id is one path component of letters, digits, `.`, `_` and `-`."""
-    if not RUN_ID.fullmatch(run_id or ""):
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         raise RunError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (at most 128, "
                        "starting with a letter or digit)")
     return run_id
 
 
 def choose_run_id(given: str | None, recipe_run_id: str | None, seed: int) -> str:
-    """`--run-id`, else the recipe's `train.run_id`, else a new one from the time and seed."""
-    return check_run_id(given or recipe_run_id or new_run_id(seed))
+    """`--run-id`, else the recipe's `train.run_id`, else a new one from the time and seed.
+    A given id is checked as it is: an empty one is an error, not a new run."""
+    for run_id in (given, recipe_run_id):
+        if run_id is not None:
+            return check_run_id(run_id)
+    return new_run_id(seed)
 
 
 @dataclass
@@ -109,7 +123,36 @@ class Results:
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A JSON object from `path` ({} when absent); anything else is a one-line RunError."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: not valid JSON ({getattr(e, 'msg', e)}); the file is damaged "
+                       "(move it away to read the rest of the run)") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file. A torn last line (a kill during a write) is ignored;
+    a damaged line elsewhere is a one-line RunError naming it."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i >= len(lines) - 2 and not path.read_bytes().endswith(b"\n"):
+                break  # the torn last line
+            raise RunError(f"{path}:{i + 1}: not a JSON record; the file is damaged") from None
+    return records
 
 
 class Run:
@@ -158,8 +201,7 @@ class Run:
         return Results.from_json(d, seed=self.recipe_seed() if "seed" not in d else None)
 
     def metrics(self) -> list[dict]:
-        f = self.path / "metrics.jsonl"
-        return [json.loads(x) for x in f.read_text().splitlines() if x] if f.exists() else []
+        return read_jsonl(self.path / "metrics.jsonl")
 
     def last_metrics(self) -> dict:
         """The latest value of each metric key."""
@@ -177,11 +219,75 @@ class Run:
             return None
         return (yaml.safe_load(f.read_text()) or {}).get("train", {}).get("seed")
 
+    # holding: one live launch per run directory
+    def hold(self) -> RunLock:
+        """Hold the run directory for this launch, or raise RunBusy naming the holder.
+
+        An `fcntl.flock` on `.lock`: the kernel releases it when the process ends, however it
+        ends (a kill -9 included), so a dead launch never leaves it held, and a Slurm requeue's
+        new process takes it again."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(os.read(fd, 4096))
+            os.close(fd)
+            raise RunBusy(f"{self.path}: another launch of this run is running ({holder}); "
+                          "wait for it or stop it, then relaunch to resume") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": dt.datetime.now().isoformat(timespec="seconds"),
+                                 "slurm_job": os.environ.get("SLURM_JOB_ID")}).encode())
+        return RunLock(fd)
+
+    def holder(self) -> dict | None:
+        """The live launch holding the run directory, or None (the run is not running)."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads(os.read(fd, 4096) or b"{}")
+            except json.JSONDecodeError:
+                return {}
+        finally:
+            os.close(fd)  # closing drops a lock taken here
+        return None
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Half-written files a kill left (`.NAME.*.tmp` of repro.io's atomic writes)."""
+        stale = [f for d in (self.path, self.checkpoints) if d.is_dir()
+                 for f in d.glob(".*.tmp")]
+        for f in stale:
+            f.unlink(missing_ok=True)
+        return stale
+
+    def trim_metrics(self, step: int) -> int:
+        """Drop metric records after optimizer step `step` (logged after the checkpoint a
+        resume starts from, so they would be logged twice) and a torn last line; returns how
+        many records were dropped."""
+        f = self.path / "metrics.jsonl"
+        if not f.exists():
+            return 0
+        records = self.metrics()
+        keep = [r for r in records if r.get("step", 0) <= step]
+        torn = not f.read_bytes().endswith(b"\n") and f.stat().st_size > 0
+        if len(keep) < len(records) or torn:
+            atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in keep))
+        return len(records) - len(keep)
+
     # writing and guarding
     def write_launch(self, recipe_yaml: str, launch: dict, env: dict) -> None:
         """recipe.yaml, launch.json and env.json; a relaunch (resume) keeps the launch history."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
+        previous = self.json("launch.json")
+        if previous:  # a relaunch: its non-scientific changes (workers, paths) stay on record
+            launch["earlier_launches"] = [*previous.pop("earlier_launches", []), previous]
         atomic_write_json(self.path / "launch.json", launch)
         old = self.json("env.json")
         if old:
@@ -203,6 +309,29 @@ class Run:
         if r is not None and r.complete:
             raise RunExists(f"{self.path}: this run has completed; launch without a run id for "
                             "a new run (it would be overwritten otherwise)")
+
+
+class RunLock:
+    """A held run directory; `release()` (or the process's end) lets it go."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def _holder_text(raw: bytes) -> str:
+    try:
+        h = json.loads(raw or b"{}")
+    except json.JSONDecodeError:
+        h = {}
+    if not h:
+        return "its holder is starting"
+    job = f", Slurm job {h['slurm_job']}" if h.get("slurm_job") else ""
+    return f"pid {h.get('pid')} on {h.get('host')} since {h.get('since')}{job}"
 
 
 def find_runs(paths: list[Path] | Path, markers: tuple[str, ...] = MARKERS) -> list[Run]:

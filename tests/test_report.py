@@ -17,8 +17,8 @@ GOLDEN = Path(__file__).parent / "golden" / "results.md"
 
 def make_run(root: Path, recipe: str, row: str | None, seed: int, top1: float, *,
              epochs=(400, 400), status="complete", canonical=True, smoke=False,
-             overrides=(), ema=None, wall_s=3600.0, gmacs=17.71, params_m=81.57):
-    run = root / recipe / f"run-s{seed}"
+             overrides=(), ema=None, wall_s=3600.0, gmacs=17.71, params_m=81.57, run_id=None):
+    run = root / recipe / (run_id or f"run-s{seed}")
     run.mkdir(parents=True)
     (run / "recipe.yaml").write_text(f"# resolved\ntrain: {{seed: {seed}}}\n")
     (run / "env.json").write_text(json.dumps({"hardware": {"gpus": ["A100"] * 8},
@@ -68,7 +68,7 @@ def verdicts(md: str) -> dict[str, str]:
 
 
 def test_verdicts(fixture_runs):
-    md = results.render(results.load_runs([fixture_runs]))
+    md = results.render(results.load_runs([fixture_runs])[0])
     v = verdicts(md)
     assert v["ViT_C-18GF [earlyconv_vitb]"] == "reproduced"  # 83.07 vs 83.0, within 0.3
     assert v["CoAtNet-0 [coatnet_0]"] == "below"  # 80.9 vs 81.6
@@ -97,7 +97,7 @@ def test_verdict_rules():
 
 
 def test_markdown_is_stable(fixture_runs):
-    md = results.render(results.load_runs([fixture_runs]), command="repro report runs/")
+    md = results.render(results.load_runs([fixture_runs])[0], command="repro report runs/")
     md = md.replace(str(fixture_runs), "RUNS")
     if os.environ.get("REPRO_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(md)
@@ -122,3 +122,41 @@ def test_committed_throughput_report_is_rendered_from_its_json():
     reports = Path(__file__).resolve().parents[1] / "reports"
     saved = json.loads((reports / "throughput_cpu.json").read_text())
     assert (reports / "throughput_cpu.md").read_text() == render(saved)
+
+
+def test_relaunches_are_not_seeds_and_incomplete_runs_stand_apart(tmp_path, capsys):
+    """Killed relaunches and repeated seeds (issue 13, item 5): n counts distinct seeds of
+    complete runs; a seed run twice is one result (the latest); incomplete runs never enter
+    the mean and are shown as incomplete."""
+    root = tmp_path / "runs"
+    for i in range(3):  # killed during epoch 1: status running, epoch-1 evaluation
+        make_run(root, "quickstart", None, 0, 20.0, epochs=(1, 3), status="running",
+                 run_id=f"killed-{i}")
+    for i, top1 in enumerate((97.0, 98.0)):  # the same seed completed twice
+        run = make_run(root, "quickstart", None, 0, top1, epochs=(3, 3), run_id=f"done-{i}")
+        os.utime(run / "results.json", (1_000 + i, 1_000 + i))
+    make_run(root, "quickstart", None, 1, 96.0, epochs=(3, 3), run_id="seed1")
+    os.utime(root / "quickstart/seed1/results.json", (500, 500))
+    md = results.render(results.load_runs([root])[0])
+    assert "97.00 ± 1.41 (n=2; 1 repeated seed run(s) set aside, the latest shown)" in md
+    assert "– (3 incomplete runs)" in md and "20.00" not in md
+
+
+def test_a_damaged_run_is_skipped_with_a_warning_and_the_rest_reported(fixture_runs, tmp_path,
+                                                                      capsys):
+    """Issue 13, item 7: garbage results.json, a torn metrics line."""
+    (fixture_runs / "coatnet_0/run-s0/results.json").write_text("{not json")
+    torn = fixture_runs / "earlyconv_vitb/run-s0/metrics.jsonl"
+    torn.write_text(torn.read_text() + '{"step": 50, "train/lo')
+    out = tmp_path / "reports" / "results.md"
+    assert main(["report", str(fixture_runs), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "coatnet_0/run-s0/results.json: not valid JSON" in err
+    md = out.read_text()
+    assert "83.07 ± 0.15 (n=3)" in md and "CoAtNet-0 [coatnet_0]" not in md
+    for run in ("coatnet_0/run-s0", "earlyconv_vitb/run-s0"):  # launched here
+        (fixture_runs / run / "launch.json").write_text("{}")
+    assert main(["status", str(fixture_runs)]) == 0
+    out, err = capsys.readouterr()
+    assert "earlyconv_vitb/run-s0" in out
+    assert err.count("\n") == 1 and "results.json: not valid JSON" in err

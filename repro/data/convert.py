@@ -22,35 +22,32 @@ the end: an interrupted conversion leaves no destination file behind.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from repro.data import DataError
 from repro.data.beton import (
     default_name,
+    digest,
     protocol,
     protocol_name,
     sidecar_path,
 )
 from repro.data.ffcv import import_ffcv
+from repro.data.tree import flat_images, image_tree
 from repro.io import atomic_write_json
 
 DEFAULTS = {"max_res": 500, "quality": 90, "compress_prob": 0.5}
 
 
 def list_images(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes (sorted folder names, torchvision's convention) and (path, class index) pairs."""
-    try:
-        classes, class_to_idx = find_classes(str(src))
-        samples = make_dataset(str(src), class_to_idx, extensions=IMG_EXTENSIONS)
-    except (FileNotFoundError, NotADirectoryError) as e:
-        raise DataError(f"{src}: not an ImageFolder tree (one folder per class): {e}") from None
-    return classes, samples
+    """Classes and (path, class index) pairs, each image labelled once (repro.data.tree)."""
+    return image_tree(src)
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -100,11 +97,67 @@ class _ImageFolderRGB:
         return np.asarray(img), label
 
 
+def _write_stoppably(tmp: Path, fields: dict, workers: int, dataset) -> None:
+    """FFCV's DatasetWriter, run in a child process in its own process group.
+
+    In the conversion's own process, Ctrl-C reached the writer's workers and its progress loop
+    at random points: it was swallowed two times in three ("Exception ignored ...") and the
+    conversion finished, or it left the writer's shared memory behind. Here Ctrl-C reaches this
+    process only (the child's group is not the terminal's); it then kills the child's whole
+    group, unlinks the shared memory the writer created, and re-raises, so the caller removes
+    the temporary file."""
+    import multiprocessing as mp
+    import signal
+    from multiprocessing import shared_memory
+
+    ctx = mp.get_context("fork")
+    name = ctx.Array("c", 256)  # the writer's shared-memory segment, once created
+    child = ctx.Process(target=_writer_process, args=(str(tmp), fields, workers, dataset, name))
+    child.start()
+    try:
+        child.join()
+    except BaseException:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.join()
+        if name.value:
+            try:  # attach and unlink: also settles the resource tracker's account of it
+                segment = shared_memory.SharedMemory(name=name.value.decode())
+                segment.close()
+                segment.unlink()
+            except FileNotFoundError:
+                pass
+        raise
+    if child.exitcode != 0:
+        raise DataError(f"{tmp}: FFCV's writer failed (exit status {child.exitcode}; its "
+                        "messages are above); nothing written")
+
+
+def _writer_process(tmp: str, fields: dict, workers: int, dataset, name) -> None:
+    import signal
+
+    from ffcv.writer import DatasetWriter
+
+    os.setpgrp()  # its own group: the terminal's Ctrl-C goes to the parent, which stops it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    class Writer(DatasetWriter):
+        def prepare(self):
+            super().prepare()
+            name.value = self.metadata_sm.name.encode()
+
+    Writer(tmp, fields, num_workers=workers).from_indexed_dataset(dataset, chunksize=100)
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | None = 500,
             quality: int = 90, compress_prob: float = 0.5, workers: int | None = None,
             on_error: str = "skip", overwrite: bool = False, progress: bool = True,
-            eval_protocol: tuple[int, float, str] | None = None) -> dict:
-    """Write `src` (an ImageFolder tree) to the .beton `dst`; returns the sidecar record.
+            eval_protocol: tuple[int, float, str] | None = None,
+            labels: str | os.PathLike | None = None) -> dict:
+    """Write `src` (an ImageFolder tree; or, with `labels`, a flat folder labelled by that
+    file: repro.data.tree.flat_images) to the .beton `dst`; returns the sidecar record.
 
     `dst` may be a directory (or end in '/'): the file is then named by `default_name`, or by
     `protocol_name` for an `eval_protocol` file (module doc).
@@ -113,7 +166,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
 
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     src = Path(src)
     if not src.is_dir():
@@ -141,7 +193,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
         raise DataError(f"{dst}: already exists (pass --overwrite to replace it)")
     workers = workers or os.cpu_count() or 1
 
-    classes, samples = list_images(src)
+    classes, samples = flat_images(src, labels) if labels else list_images(src)
     if not samples:
         raise DataError(f"{src}: no images found under its class folders")
     paths = [p for p, _ in samples]
@@ -164,24 +216,24 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
                            jpeg_quality=quality, compress_probability=compress_prob))
     fields = {"image": image, "label": IntField()}
     try:
-        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-        writer.from_indexed_dataset(_ImageFolderRGB(good, transform), chunksize=100)
-        import ffcv
-
+        _write_stoppably(tmp, fields, workers, _ImageFolderRGB(good, transform))
         record = {
             "created_by": "repro data convert",
             "destination": str(dst),
             "source": str(src.resolve()),
+            "labels": str(Path(labels).resolve()) if labels else None,
             "num_images": len(good),
             "num_classes": len(classes),
             "classes": classes,  # index i = classes[i] (sorted folder names)
             "writer": ({"write_mode": "raw"} if eval_protocol else
                        {"max_resolution": max_res, "jpeg_quality": quality,
                         "compress_probability": compress_prob, "write_mode": "proportion"})
-            | {"ffcv": getattr(ffcv, "__version__", "?")},
+            | {"ffcv": importlib.metadata.version("ffcv")},  # the installed distribution
             "eval_protocol": protocol(*eval_protocol) if eval_protocol else None,
             "skipped_count": len(skipped),
             "skipped": skipped,
+            "size": tmp.stat().st_size,  # checked on every open (repro.data.beton.verify)
+            "sha256": digest(tmp),  # checked on first use and by `repro data check`
         }
         atomic_write_json(sidecar_path(dst), record)
         os.replace(tmp, dst)

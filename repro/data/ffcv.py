@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from repro.data import DataError, Loaders
-from repro.data.beton import eval_protocol_of, protocol, read_sidecar
+from repro.data.beton import eval_protocol_of, protocol, read_sidecar, verify
 
 _PATCHED = False
 
@@ -71,6 +71,7 @@ def _open(path: str, split: str) -> int:
     how = f"create it with `repro data convert /path/to/imagenet/{split} {path}`"
     if not Path(path).is_file():
         raise DataError(f"{path}: FFCV .beton file not found; {how}")
+    verify(path)  # size always, sha256 on first use: damaged data is never read silently
     try:
         reader = Reader(path)
     except Exception as e:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 
 from repro.data import DataError, Loaders, order
+from repro.data.tree import image_tree
 
 
 def _channels_last(batches):
@@ -120,10 +121,23 @@ def _dataset(path: str, split: str, transform) -> ImageFolder:
                         f"ImageNet's {split}/); or point data.{split}_path at a .beton and set "
                         "data.format=ffcv")
     try:
-        return ImageFolder(path, transform=transform)
+        return SafeImageFolder(path, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{path}: not a usable ImageFolder ({' '.join(str(e).split())})") \
             from None
+
+
+class SafeImageFolder(ImageFolder):
+    """torchvision's ImageFolder over repro.data.tree's walk: symlink loops are not followed
+    and no image gets two labels."""
+
+    def find_classes(self, directory):
+        classes, _ = image_tree(directory)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        return image_tree(directory)[1]
 
 
 def _posterize(img, bits_to_keep, **_):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from tabulate import tabulate
 
 from repro import papers
-from repro.recipe import Recipe, derive, path_report
+from repro.recipe import Recipe, RecipeError, derive, path_report
 
 # World sizes shown by --dry-run besides the recipe's own: a laptop, one node, a paper-scale job.
 SHOWN_WORLD_SIZES = (1, 8, 64)
@@ -73,6 +73,12 @@ def path_lines(recipe: Recipe) -> list[str]:
 
 def render(recipe: Recipe, extra_world_sizes: list[int] | None = None) -> str:
     """The full dry-run text."""
+    from repro import models
+
+    try:
+        models.check_name(recipe.model.name)
+    except models.UnknownModel as e:
+        raise RecipeError(recipe.path, "model.name", str(e)) from None
     status = "canonical" if recipe.canonical else (
         "NON-CANONICAL (scientific keys overridden: " + ", ".join(recipe.non_canonical_keys) + ")")
     lr_rule = (f"lr {recipe.optim.lr:g} quoted at batch {recipe.optim.lr_batch}, scaled linearly "

@@ -9,6 +9,8 @@ from tabulate import tabulate
 from repro import rundir
 from repro.launch.slurm import load_cluster, slurm_state
 
+LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING",
+               "CONFIGURING"}
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                  "BOOT_FAIL", "DEADLINE"}
 
@@ -36,6 +38,8 @@ def describe(run: Path) -> dict:
         status = "failed"
     elif state == "COMPLETED" and status == "running":
         status = "incomplete"
+    elif status in ("running", "started") and state not in LIVE_STATES and r.holder() is None:
+        status = "interrupted (resumable)"  # no live launch holds it: killed, not running
     return {
         "run": str(run), "status": status, "job": slurm.get("job_id", "local"),
         "slurm_state": state or "-", "requeues": env.get("requeue_count", 0),

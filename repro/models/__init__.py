@@ -42,6 +42,18 @@ def small_kwargs(name: str) -> dict:
     return dict(family(name).SMALL)
 
 
+def check_name(name: str) -> None:
+    """An UnknownModel error, with the closest names, unless timm knows `name`."""
+    if timm.is_model(name):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, suite_models(), n=3) or \
+        difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UnknownModel(f"unknown model {name!r} (not registered with timm){hint}")
+
+
 def create(name: str, resolution: int, **kwargs):
     """timm model `name` for `resolution` px inputs.
 
@@ -49,8 +61,7 @@ def create(name: str, resolution: int, **kwargs):
     tables, LeViT's attention biases) and differs from their default; convolutional-style
     models take any size and are built as registered. Other keyword arguments go to timm.
     """
-    if not timm.is_model(name):
-        raise UnknownModel(f"unknown model {name!r} (not registered with timm)")
+    check_name(name)
     cfg = timm.models.get_pretrained_cfg(name)
     default = cfg.input_size[-1] if cfg is not None else 224
     fixed = cfg is None or getattr(cfg, "fixed_input_size", False)

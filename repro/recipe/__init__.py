@@ -31,6 +31,7 @@ __all__ = [
     "path_report",
     "smoke_overrides",
     "add_arguments",
+    "scientific_changes",
     "DATA_PATHS",
     "IMAGENET_TRAIN_IMAGES",
 ]
@@ -137,13 +138,13 @@ def _changed_scientific(from_file: dict, recipe: Recipe) -> list[str]:
         # The file alone may be invalid only because an override completes it: then every
         # overridden key counts as a change.
         return sorted({parse_override(o)[0] for o in recipe.overrides})
-    changed = []
-    for key, f in config.all_keys(Recipe).items():
-        if not f.metadata.get("scientific", True):
-            continue
-        if get_dotted(original, key) != get_dotted(recipe, key):
-            changed.append(key)
-    return changed
+    return scientific_changes(original, recipe)
+
+
+def scientific_changes(a: Recipe, b: Recipe) -> list[str]:
+    """The scientific keys (what a run trains) whose values differ between two recipes."""
+    return [key for key, f in config.all_keys(Recipe).items()
+            if f.metadata.get("scientific", True) and get_dotted(a, key) != get_dotted(b, key)]
 
 
 # --------------------------------------------------------------------------------------------

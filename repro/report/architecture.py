@@ -106,6 +106,14 @@ def render(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _verdict(r: dict) -> str:
+    if not r["baseline"]:
+        return r["verdict"]
+    if r["verdict"] == "OUT OF TOLERANCE":
+        return "outside tolerance (baseline, not checked)"
+    return f"{r['verdict']} (baseline)"
+
+
 def summary(data: dict) -> str:
     """The terminal table of a `repro.measure.verify.run` record."""
     def pct(v):
@@ -113,14 +121,18 @@ def summary(data: dict) -> str:
 
     body = [[r["id"], r["model"], r["resolution"], r["params_m_paper"], r["params_m"],
              pct(r["params_rel"]), r["gmacs_paper"], r["gmacs"], pct(r["gmacs_rel"]),
-             r["verdict"] + (" (baseline)" if r["baseline"] else "")] for r in data["rows"]]
+             _verdict(r)] for r in data["rows"]]
     head = ["row", "model", "res", "params paper (M)", "counted", "Δ", "GMACs paper",
             "counted", "Δ", f"verdict (±{100 * data['meta']['params_tol']:g}% params, "
             f"±{100 * data['meta']['gmacs_tol']:g}% FLOPs)"]
     bad = [r["id"] for r in data["rows"]
            if not r["baseline"] and r["verdict"] == "OUT OF TOLERANCE"]
+    off = [r["id"] for r in data["rows"] if r["baseline"] and r["verdict"] == "OUT OF TOLERANCE"]
     tail = f"{len(bad)} model row(s) out of tolerance: {', '.join(bad)}" if bad else \
         "every model row within tolerance"
+    if off:
+        tail += (f"; {len(off)} baseline row(s) outside it, not checked (a reference model "
+                 f"quoted with a rounded count): {', '.join(off)}")
     return tabulate(body, head, tablefmt="simple", floatfmt="g") + "\n" + tail
 
 

@@ -32,17 +32,22 @@ HEADER = """\
 """
 
 
-def load_runs(paths: list[Path]) -> pd.DataFrame:
-    """One row per run directory."""
-    rows = []
+def load_runs(paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run directory, and a line for each run that could not be read (a damaged
+    results.json or metrics.jsonl: skipped, so one broken run does not hide the others)."""
+    rows, skipped = [], []
     for run in rundir.find_runs(paths, markers=("results.json",)):
-        r, env, metrics = run.results().to_json(), run.json("env.json"), run.metrics()
+        try:
+            r, env, metrics = run.results().to_json(), run.json("env.json"), run.metrics()
+        except rundir.RunError as e:
+            skipped.append(str(e))
+            continue
         speed = [m["throughput/images_per_s"] for m in metrics if "throughput/images_per_s" in m]
         on_gpu = bool(env.get("hardware", {}).get("gpus")) and "cuda" in str(r.get("device"))
         hours = r.get("wall_time_s", 0) * r.get("world_size", 1) / 3600
         rows.append({
             "run": str(run.path), "recipe": r.get("recipe"), "row_id": r.get("paper_row"),
-            "seed": r["seed"],
+            "seed": r["seed"], "updated": run.file("results.json").stat().st_mtime,
             "status": r.get("status"), "canonical": bool(r.get("canonical")),
             "smoke": bool(r.get("smoke")), "overrides": tuple(r.get("non_canonical_keys", [])),
             "top1": r.get("final/eval/top1"), "top5": r.get("final/eval/top5"),
@@ -52,24 +57,41 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
             "images_per_s": speed[-1] if speed else None, "device": r.get("device"),
             "gpu_hours": hours if on_gpu else None, "cpu_hours": None if on_gpu else hours,
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), skipped
+
+
+GROUP = ["row_id", "recipe", "canonical", "smoke", "overrides"]  # one measured entry each
 
 
 def _group(runs: pd.DataFrame) -> pd.DataFrame:
-    """Seeds of one recipe (same overrides, same smoke flag) -> one measured entry."""
+    """Runs of one recipe (same overrides, same smoke flag) -> measured entries.
+
+    Complete runs make one entry whose n counts distinct seeds: a seed run twice (a relaunch
+    under a new run id) is one result, the latest shown, and `repeats` says how many were set
+    aside. Runs that did not complete (running, killed, failed, stopped early) make an entry of
+    their own, marked incomplete, and never enter a mean."""
     if runs.empty:
         return runs
-    keys = ["row_id", "recipe", "canonical", "smoke", "overrides"]
-    g = runs.fillna({"row_id": ""}).groupby(keys, dropna=False, sort=True)
-    out = g.agg(n=("run", "count"), top1=("top1", "mean"), top1_std=("top1", "std"),
-                ema_top1=("ema_top1", "mean"), params_m=("params_m", "first"),
-                gmacs=("gmacs", "first"), resolution=("resolution", "first"),
-                epochs_done=("epochs_done", "min"), epochs_planned=("epochs_planned", "max"),
-                complete=("status", lambda s: bool((s == "complete").all())),
-                images_per_s=("images_per_s", "median"),
-                gpu_hours=("gpu_hours", "sum"), cpu_hours=("cpu_hours", "sum"),
-                device=("device", "first")).reset_index()
-    return out
+    runs = runs.fillna({"row_id": ""}).assign(complete=runs["status"] == "complete")
+    done = runs[runs["complete"]].sort_values(["updated", "run"])
+    latest = done.drop_duplicates(GROUP + ["seed"], keep="last")
+    repeats = (done.groupby(GROUP, dropna=False).size()
+               - latest.groupby(GROUP, dropna=False).size()).rename("repeats")
+    parts = [latest, runs[~runs["complete"]]]
+    out = pd.concat([p for p in parts if not p.empty]).groupby(
+        GROUP + ["complete"], dropna=False, sort=True).agg(
+        n=("run", "count"), top1=("top1", "mean"), top1_std=("top1", "std"),
+        ema_top1=("ema_top1", "mean"), params_m=("params_m", "first"),
+        gmacs=("gmacs", "first"), resolution=("resolution", "first"),
+        epochs_done=("epochs_done", "max"), epochs_planned=("epochs_planned", "max"),
+        images_per_s=("images_per_s", "median"),
+        gpu_hours=("gpu_hours", "sum"), cpu_hours=("cpu_hours", "sum"),
+        device=("device", "first")).reset_index()
+    out = out.merge(repeats.reset_index(), on=GROUP, how="left").fillna({"repeats": 0})
+    out.loc[~out["complete"], ["top1", "top1_std", "ema_top1", "repeats"]] = [
+        math.nan, math.nan, math.nan, 0]
+    return out.sort_values(GROUP + ["complete"], ascending=[True] * 5 + [False],
+                           ignore_index=True)
 
 
 def verdict(entry: dict | None, paper_top1, tol: float = TOP1_TOL) -> str:
@@ -97,10 +119,14 @@ def _fmt(x, digits=2) -> str:
 
 
 def _measured(e: dict) -> str:
+    if not e["complete"]:
+        return f"– ({e['n']} incomplete run{'s' if e['n'] > 1 else ''})"
     if _nan(e["top1"]):
         return "–"
     std = "" if e["n"] < 2 or _nan(e["top1_std"]) else f" ± {e['top1_std']:.2f}"
-    return f"{e['top1']:.2f}{std} (n={e['n']})"
+    again = f"; {int(e['repeats'])} repeated seed run(s) set aside, the latest shown" \
+        if e.get("repeats") else ""
+    return f"{e['top1']:.2f}{std} (n={e['n']}{again})"
 
 
 def _hours(e: dict) -> str:

@@ -57,9 +57,27 @@ def save(path: str | os.PathLike, checkpoint: dict) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+NO_RESUME = ("No earlier checkpoint is kept to resume from (best.pt holds weights only, for "
+             "`repro eval`): relaunch with a new run id")
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by `save()` (tensors and plain data only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Read a checkpoint written by `save()` (tensors and plain data only, never code); a file
+    that cannot be read so is a one-line WeightsError naming it and the ways on."""
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # the reader fails on a damaged file in many ways
+        raise WeightsError(path, f"unreadable checkpoint ({_reason(e)}): it is damaged or not "
+                           f"a checkpoint. {NO_RESUME}") from None
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise WeightsError(path, f"not a repro checkpoint (no 'model' entry). {NO_RESUME}")
+    return ck
+
+
+def non_finite(state: dict) -> list[str]:
+    """The floating-point tensors of a state dict holding NaN or infinity."""
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor)
+            and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def snapshot(s, state_dict: dict, rngs: list[dict], world_size: int) -> dict:
@@ -164,12 +182,16 @@ def read_weights(path: str | Path, what: str = "checkpoint") -> Weights:
 
 
 def _reason(e: Exception) -> str:
-    """One line of a load error: weights_only's 'Unsupported global' line when there is one."""
+    """One line of a load error: weights_only's 'Unsupported global' line when there is one.
+    torch's advice to load with weights_only=False (running the file's code) is never passed
+    on: these files may come from anywhere."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     pickled = [line for line in lines if "Unsupported global" in line]
     if pickled:
-        return f"it holds pickled Python objects; {pickled[0]}"
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        return f"it holds pickled Python objects; {pickled[0].split('. Please')[0]}"
+    lines = [line for line in lines if "weights_only" not in line]
+    first = lines[0].split(". ")[0][:200] if lines else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _is_state_dict(obj: dict) -> bool:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from repro import models, rundir
 from repro.data import build_loaders
-from repro.recipe import Derived, Recipe, RecipeError, derive
+from repro.errors import UserError
+from repro.recipe import Derived, Recipe, RecipeError, derive, load_recipe, scientific_changes
 from repro.train import checkpoint, distributed, record
 from repro.train.loop import RunState, StepConfig, TrainingDiverged, evaluate, train_one_epoch
 from repro.train.optim import (
@@ -104,6 +105,13 @@ def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
     Used by the trainer and by `repro profile`, so a profile times the trainer's own steps.
     `smoke` tolerates a missing teacher weights file (an untrained teacher, noted)."""
     t = recipe.train
+    named = (("model.name", recipe.model.name), ("distill.teacher", recipe.distill.teacher))
+    for key, name in named:
+        try:  # before any data is built or opened
+            if name is not None:
+                models.check_name(name)
+        except models.UnknownModel as e:
+            raise RecipeError(recipe.path, key, str(e)) from None
     seed_everything(t.seed, env.rank)
     probe = derive(recipe, env.world_size, train_images=1 << 40)  # batch split only
     loaders = build_loaders(recipe, batch_size=probe.micro_batch, rank=env.rank,
@@ -154,6 +162,11 @@ def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
                  teacher_note)
 
 
+# Scientific keys a resume may change: train.max_steps only says where this launch stops (the
+# schedule follows schedule.epochs), so a truncated run can be resumed further.
+RESUMABLE = ("train.max_steps",)
+
+
 class Training:
     """One launch of a run, top to bottom: `Training(recipe, env, ...).run()`.
 
@@ -172,18 +185,75 @@ class Training:
         run_id = distributed.broadcast_object(
             rundir.choose_run_id(run_id, t.run_id, t.seed), env)
         self.run_dir = rundir.Run.at(t.output_dir, recipe.name, run_id)
-        self.run_dir.refuse_if_complete()
+        self.lock = None
+        self.log = None
         self.state = RunState()
-        checkpoint.resume(self.run_dir.last_checkpoint, self.s, self.state, env.rank)
-        hosts = self._hosts()  # a collective: every rank takes part
-        if env.is_main:
-            record.write_launch_files(self.run_dir, recipe, self.s.derived, smoke=smoke,
-                                      world_size=env.world_size, device=env.device, hosts=hosts)
-        self.log = record.MetricsLog(self.run_dir.path, enabled=env.is_main)
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
         self.base = self._describe(run_id)
         self.evals: dict = {}
         self.bar = None
         self.started = time.perf_counter()
+
+    def _open(self) -> None:
+        """Hold the run directory (one live launch per run), check that a resume trains the
+        run's own recipe, resume from its checkpoint, and record this launch."""
+        env, run = self.env, self.run_dir
+        problem = None
+        if env.is_main:
+            try:
+                run.refuse_if_complete()
+                self.lock = run.hold()
+                run.remove_stale_temporaries()
+                self._check_resume()
+            except UserError as e:
+                problem = e
+        message = distributed.broadcast_object(str(problem) if problem else None, env)
+        if problem is not None:
+            raise problem
+        if message is not None:
+            raise rundir.RunError(message)
+        checkpoint.resume(run.last_checkpoint, self.s, self.state, env.rank)
+        hosts = self._hosts()  # a collective: every rank takes part
+        if env.is_main:
+            run.trim_metrics(self.state.step)  # steps after the checkpoint are trained again
+            record.write_launch_files(run, self.recipe, self.s.derived, smoke=self.smoke,
+                                      world_size=env.world_size, device=env.device, hosts=hosts)
+        self.log = record.MetricsLog(run.path, enabled=env.is_main)
+
+    def _check_resume(self) -> None:
+        """A relaunch resumes the run's own recipe: a changed scientific key is refused (the
+        schedule, the data and the record would no longer match), and a run with metrics but
+        no checkpoint is not silently restarted (its steps would be logged twice)."""
+        run = self.run_dir
+        if run.metrics() and not run.last_checkpoint.exists():
+            raise rundir.RunError(f"{run.path}: has metrics but no checkpoint to resume from "
+                                  "(restarting would log its steps twice): relaunch with a new "
+                                  "run id")
+        if not run.file("recipe.yaml").exists():
+            return
+        before = load_recipe(run.file("recipe.yaml"))
+        changed = [k for k in scientific_changes(before, self.recipe) if k not in RESUMABLE]
+        if bool(run.json("launch.json").get("smoke")) != self.smoke:
+            changed.append("--smoke")
+        if changed:
+            shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+            raise rundir.RunError(
+                f"{run.path}: a resume trains the run's own recipe, but these scientific keys "
+                f"differ from its recipe.yaml: {shown}; relaunch it unchanged, or use a new run "
+                "id")
+
+    def close(self) -> None:
+        """Close the metrics log and let the run directory go (also on errors)."""
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _hosts(self) -> list[str]:
         hosts = [socket.gethostname()]
@@ -228,11 +298,11 @@ class Training:
                 self.save(status)
         except TrainingDiverged as e:
             self.write_results("failed")
-            self.log.close()
             last = self.run_dir.last_checkpoint
             raise TrainingDiverged(f"{self.run_dir.path}: {e}; the last good checkpoint is "
                                    f"kept: {last if last.exists() else 'none yet'}") from None
-        self.log.close()
+        finally:
+            self.close()
         return self.run_dir.path
 
     def _train_epoch(self) -> bool:
@@ -291,8 +361,15 @@ class Training:
         return self.state.wall_time_s + (time.perf_counter() - self.started)
 
     def save(self, status: str) -> None:
-        """Checkpoint (every rank's RNG) and results, rank 0 writing."""
-        env = self.env
+        """Checkpoint (every rank's RNG) and results, rank 0 writing. Weights that are no
+        longer finite are never written: the previous checkpoint stays the last good one."""
+        env, s = self.env, self.s
+        bad = checkpoint.non_finite(s.unwrapped.state_dict())
+        if s.ema is not None:
+            bad += [f"EMA {k}" for k in checkpoint.non_finite(s.ema.state_dict())]
+        if bad:
+            raise TrainingDiverged(f"{len(bad)} weight tensors are not finite after step "
+                                   f"{self.state.step} (e.g. {bad[0]})")
         state_dict = {**self.state.state_dict(), "wall_time_s": self._wall_time_s()}
         rngs = [checkpoint.rng_state()]
         if env.distributed:
