@@ -138,7 +138,8 @@ def test_relaunches_are_not_seeds_and_incomplete_runs_stand_apart(tmp_path, caps
     make_run(root, "quickstart", None, 1, 96.0, epochs=(3, 3), run_id="seed1")
     os.utime(root / "quickstart/seed1/results.json", (500, 500))
     md = results.render(results.load_runs([root])[0])
-    assert "97.00 ± 1.41 (n=2; 1 repeated seed run(s) set aside, the latest shown)" in md
+    assert "97.00 ± 1.41 (n=2; 1 repeated seed run(s) set aside, the latest shown: seed 0: " \
+           "done-1)" in md
     assert "– (3 incomplete runs)" in md and "20.00" not in md
 
 

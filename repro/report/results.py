@@ -77,6 +77,11 @@ def _group(runs: pd.DataFrame) -> pd.DataFrame:
     latest = done.drop_duplicates(GROUP + ["seed"], keep="last")
     repeats = (done.groupby(GROUP, dropna=False).size()
                - latest.groupby(GROUP, dropna=False).size()).rename("repeats")
+    again = done[done.duplicated(GROUP + ["seed"], keep=False)]
+    shown = latest.merge(again[GROUP + ["seed"]].drop_duplicates(), on=GROUP + ["seed"])
+    shown = shown.assign(label=[f"seed {s}: {Path(r).name}" for s, r in
+                                zip(shown["seed"], shown["run"], strict=True)])
+    shown = shown.groupby(GROUP, dropna=False)["label"].agg("; ".join).rename("shown")
     parts = [latest, runs[~runs["complete"]]]
     out = pd.concat([p for p in parts if not p.empty]).groupby(
         GROUP + ["complete"], dropna=False, sort=True).agg(
@@ -88,6 +93,8 @@ def _group(runs: pd.DataFrame) -> pd.DataFrame:
         gpu_hours=("gpu_hours", "sum"), cpu_hours=("cpu_hours", "sum"),
         device=("device", "first")).reset_index()
     out = out.merge(repeats.reset_index(), on=GROUP, how="left").fillna({"repeats": 0})
+    out = out.merge(shown.reset_index(), on=GROUP, how="left") if not shown.empty else \
+        out.assign(shown=None)
     out.loc[~out["complete"], ["top1", "top1_std", "ema_top1", "repeats"]] = [
         math.nan, math.nan, math.nan, 0]
     return out.sort_values(GROUP + ["complete"], ascending=[True] * 5 + [False],
@@ -124,8 +131,8 @@ def _measured(e: dict) -> str:
     if _nan(e["top1"]):
         return "–"
     std = "" if e["n"] < 2 or _nan(e["top1_std"]) else f" ± {e['top1_std']:.2f}"
-    again = f"; {int(e['repeats'])} repeated seed run(s) set aside, the latest shown" \
-        if e.get("repeats") else ""
+    again = f"; {int(e['repeats'])} repeated seed run(s) set aside, the latest shown: " \
+        f"{e['shown']}" if e.get("repeats") else ""
     return f"{e['top1']:.2f}{std} (n={e['n']}{again})"
 
 
