@@ -236,3 +236,22 @@ def test_folder_smoke_with_the_papers_policies_completes(tmp_path, name):
                  "train.max_steps=30", f"train.output_dir={tmp_path}"]) == 0
     r = json.loads((next((tmp_path / name).iterdir()) / "results.json").read_text())
     assert r["steps_done"] == 30 and r["not_applied"] == [] and r["deviations"] == []
+
+
+def test_the_sigmoid_loss_is_applied_and_trains(tmp_path):
+    """train.loss: sigmoid is timm's BinaryCrossEntropy with the recipe's smoothing (CoAtNet's
+    21K pretraining): its loss starts near ln 2 per class, not at ln 10, and falls."""
+    from timm.loss import BinaryCrossEntropy
+
+    from repro.train.optim import build_base_loss, build_mixup
+
+    r = recipe(tmp_path, "train.loss=sigmoid", "train.label_smoothing=0.0001",
+               "schedule.epochs=2", "aug.mixup=0", "aug.cutmix=0")
+    loss = build_base_loss(r, build_mixup(r, 10))
+    assert isinstance(loss, BinaryCrossEntropy) and loss.smoothing == 0.0001
+    mixed = recipe(tmp_path, "train.loss=sigmoid", "aug.mixup=0.8")
+    assert build_base_loss(mixed, build_mixup(mixed, 10)).smoothing == 0.0  # Mixup smooths
+    run = train(r, progress=False)
+    losses = [m["train/loss"] for m in metrics(run) if "train/loss" in m]
+    assert losses[0] < 1.0  # a softmax loss would start near ln 10 = 2.3
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5

@@ -171,6 +171,10 @@ class TrainCfg:
     global_batch: int = _f(doc="images per optimizer step over all devices (the one batch knob)",
                            check=positive)
     label_smoothing: float = _f(0.0, "label smoothing", check=fraction)
+    loss: Literal["softmax", "sigmoid"] = _f(
+        "softmax", "softmax cross-entropy, or sigmoid: a binary cross-entropy per class "
+        "(timm's BinaryCrossEntropy, smoothing as label_smoothing; CoAtNet's ImageNet-21K "
+        "pretraining, Table 10)")
     ema: float | None = _f(None, "model EMA decay per step (null = no EMA)", check=fraction)
     max_steps: int | None = _f(None, "stop after this many optimizer steps (a truncated run)",
                                check=positive)

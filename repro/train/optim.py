@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 
@@ -56,6 +56,14 @@ def build_mixup(recipe: Recipe, num_classes: int) -> Mixup | None:
 
 
 def build_base_loss(recipe: Recipe, mixup: Mixup | None) -> nn.Module:
+    """timm's train.py choice of loss: with Mixup the targets arrive mixed and smoothed
+    (SoftTargetCrossEntropy, or BinaryCrossEntropy on them); without, label smoothing is the
+    loss's own. One difference, on purpose: timm falls back to plain cross-entropy for
+    `--bce-loss` without smoothing or Mixup; here `train.loss: sigmoid` is always a sigmoid
+    loss, so the key is never silently dropped."""
+    if recipe.train.loss == "sigmoid":
+        return BinaryCrossEntropy(smoothing=0.0 if mixup is not None else
+                                  recipe.train.label_smoothing)
     if mixup is not None:
         return SoftTargetCrossEntropy()
     if recipe.train.label_smoothing > 0:
