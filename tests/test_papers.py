@@ -296,3 +296,21 @@ def test_an_edited_file_is_read_again(tmp_path):
     assert get_row("mini/Net-S", directory=tmp_path)["top1"] == 80.0
     path.write_text(path.read_text().replace("top1: 80.0", "top1: 81.25"))
     assert get_row("mini/Net-S", directory=tmp_path)["top1"] == 81.25
+
+
+def test_rows_no_one_can_reproduce_say_why(tmp_path):
+    """Rows pretrained on private data (JFT) carry the reason, and the report shows it as the
+    verdict instead of "not run" (issue 14); a hand-made mark needs its reason."""
+    from repro.report import results
+
+    rows = load_rows()
+    jft = rows[rows["pretrain_data"].isin(["jft300m", "jft3b"])]
+    assert len(jft) == 6 and jft["not_reproducible"].str.contains("not public").all()
+    assert rows[~rows["pretrain_data"].isin(["jft300m", "jft3b"])]["not_reproducible"] \
+        .isna().all()
+    md = results.render(results.load_runs([tmp_path])[0])
+    line = next(x for x in md.splitlines() if x.startswith("| CoAtNet-7@512-jft3b"))
+    assert "not reproducible: pretrained on JFT-3B, Google's internal dataset" in line
+    message = table_error(tmp_path, GOOD_TABLE.replace(
+        '    source: "Paper Table 1"\n', '    source: "Paper Table 1"\n    not_reproducible: ""\n'))
+    assert "'not_reproducible' must be the reason" in message

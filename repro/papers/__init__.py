@@ -40,8 +40,15 @@ _ROW_REQUIRED = tuple(
 )
 _ROW_OPTIONAL = tuple(
     "baseline params_resolution pretrain_detail flops_printed top1_real top1_v2 top1_by_epochs "
-    "top1_tol epochs finetune_epochs pretrain_cost throughput notes caveat".split()
+    "top1_tol epochs finetune_epochs pretrain_cost throughput notes caveat not_reproducible"
+    .split()
 )
+# Pretraining data no one outside its owner can obtain: every row trained on it is marked not
+# reproducible with this reason (a row may also be marked by hand: `not_reproducible: reason`).
+PRIVATE_DATA = {
+    "jft300m": "pretrained on JFT-300M, Google's internal dataset, which is not public",
+    "jft3b": "pretrained on JFT-3B, Google's internal dataset, which is not public",
+}
 _NUMBER_FIELDS = tuple("params_m gmacs top1 top1_real top1_v2 top1_tol flops_printed".split())
 _THROUGHPUT_FIELDS = tuple(
     "device device_type batch threads amp images_per_s train_min_per_epoch source".split()
@@ -52,7 +59,7 @@ _THROUGHPUT_VALUES = ("images_per_s", "train_min_per_epoch")
 _COLUMNS = tuple(
     "id paper row model timm_model baseline resolution params_resolution pretrain_data "
     "pretrain_detail params_m gmacs top1 top1_real top1_v2 top1_tol epochs finetune_epochs "
-    "source caveat notes".split()
+    "source caveat notes not_reproducible".split()
 )
 
 
@@ -88,9 +95,15 @@ def load_rows(paper: str | None = None, directory: str | Path | None = None) -> 
     for key in keys:
         for row in load_paper(key, directory)["rows"]:
             record = {col: row.get(col) for col in _COLUMNS}
-            record.update(id=f"{key}/{row['row']}", paper=key, baseline=bool(row.get("baseline")))
+            record.update(id=f"{key}/{row['row']}", paper=key, baseline=bool(row.get("baseline")),
+                          not_reproducible=not_reproducible(row))
             records.append(record)
     return pd.DataFrame.from_records(records, columns=list(_COLUMNS))
+
+
+def not_reproducible(row: dict) -> str | None:
+    """Why no one outside the authors can reproduce a row (None: it can be reproduced)."""
+    return row.get("not_reproducible") or PRIVATE_DATA.get(row.get("pretrain_data"))
 
 
 def get_row(row_id: str, directory: str | Path | None = None) -> dict[str, Any]:
@@ -231,6 +244,9 @@ def _validate_row(row: Any, where: str, scale: float) -> None:
     for key in ("epochs", "finetune_epochs", "params_resolution"):
         if key in row and not (_is_int(row[key]) and row[key] > 0):
             _fail(where, f"{key!r} must be a positive integer")
+    if "not_reproducible" in row and not (isinstance(row["not_reproducible"], str)
+                                          and row["not_reproducible"].strip()):
+        _fail(where, "'not_reproducible' must be the reason, a non-empty string")
     if "baseline" in row and not isinstance(row["baseline"], bool):
         _fail(where, "'baseline' must be true or false")
     # The printed value and its conversion travel together; a mismatch is a transcription slip.

@@ -159,6 +159,8 @@ def paper_table(key: str, measured: pd.DataFrame) -> list[list]:
                              + (f", {', '.join(e['overrides'])}" if e["overrides"] and
                                 not e["smoke"] else "") + "]")
             if e is None:
+                if r.not_reproducible:
+                    v = f"not reproducible: {r.not_reproducible}"
                 body.append([label, _fmt(paper_top1, 1), "not run", "–", _fmt(r.params_m, 1),
                              "–", _fmt(r.gmacs, 2), "–", "–", "–", "–", "–", v, r.source])
                 continue
