@@ -130,10 +130,15 @@ def cmd_launch(args) -> int:
         raise SystemExit("repro launch: error: --array needs --cluster")
     recipe = load_recipe(args.recipe, args.overrides, smoke=args.smoke)
     if args.dry_run:
-        print(plan.render(recipe, args.world_size))
+        print(plan.render(recipe, args.world_size, smoke=args.smoke))
         return 0
     if args.nproc < 1:
         raise SystemExit("repro launch: error: --nproc must be >= 1")
+    from repro.train import stages
+
+    for stage in stages.missing(recipe, args.smoke):  # a fine-tune's parents, first
+        print(f"stage {stage.name}: no complete run to start from yet: training it first")
+        local.launch(stage, nproc=args.nproc, smoke=args.smoke)
     path = local.launch(recipe, nproc=args.nproc, smoke=args.smoke, run_id=args.run_id)
     from repro.rundir import Run
 
@@ -163,6 +168,17 @@ def _launch_slurm(args) -> int:
     from repro.launch import slurm
 
     seeds = _seeds(args.array) if args.array else None
+    if not args.dry_run:
+        from repro.recipe import load_recipe
+        from repro.train import stages
+
+        missing = stages.missing(load_recipe(args.recipe, args.overrides, smoke=args.smoke),
+                                 args.smoke)
+        if missing:  # each stage its own job, chained with afterok: not built yet
+            raise slurm.SubmissionError(
+                f"{args.recipe}: its parent stage {missing[-1].path} has no complete run yet; "
+                f"chained Slurm jobs are not built yet: submit the parent first "
+                f"(repro launch {missing[0].path} --cluster {args.cluster})")
     records = slurm.submit(args.recipe, args.overrides, args.cluster, nodes=args.nodes,
                            smoke=args.smoke, run_id=args.run_id, seeds=seeds,
                            dry_run=args.dry_run)

@@ -40,10 +40,14 @@ class ConfigError(UserError, ValueError):
 # --------------------------------------------------------------------------------------------
 # Declaring keys
 
-def key(default: Any = dataclasses.MISSING, doc: str = "", *, check=None, **meta):
+def key(default: Any = dataclasses.MISSING, doc: str = "", *, check=None, name: str | None = None,
+        **meta):
     """A schema key: its default, one-line documentation, an optional `check(value) -> problem
-    or None`, and any other metadata the schema's users read (`dataclasses.fields(...)`)."""
+    or None`, and any other metadata the schema's users read (`dataclasses.fields(...)`).
+    `name`: the key's name in YAML when it cannot be the attribute's (`from`, a keyword)."""
     metadata = {"doc": doc, "check": check, **meta}
+    if name is not None:
+        metadata["key"] = name
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -69,9 +73,14 @@ def triple(v):
     return None if len(v) == 3 else "must have exactly 3 values"
 
 
+def key_name(f: dataclasses.Field) -> str:
+    """The YAML name of a schema field (its attribute name unless `key(name=...)` says)."""
+    return f.metadata.get("key", f.name)
+
+
 def plain(value):
     if dataclasses.is_dataclass(value):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {key_name(f): plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list):
         return [plain(v) for v in value]
     if isinstance(value, dict):
@@ -242,15 +251,15 @@ def all_keys(cls, prefix: str = "") -> dict[str, dataclasses.Field]:
             continue
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
-            out.update(all_keys(t, f"{prefix}{f.name}."))
+            out.update(all_keys(t, f"{prefix}{key_name(f)}."))
         else:
-            out[f"{prefix}{f.name}"] = f
+            out[f"{prefix}{key_name(f)}"] = f
     return out
 
 
 def sections(cls) -> dict[str, dataclasses.Field]:
     """The top-level keys of schema `cls`."""
-    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    return {key_name(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
 
 def _suggest(dotted: str, root) -> str:
@@ -336,7 +345,7 @@ def _build(cls, data, prefix: str, prov: dict, default_file, root=None):
         key = prefix.rstrip(".")
         raise err_for(key)(f"expected a mapping of keys, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    fields = {key_name(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in fields:
             dotted = f"{prefix}{key}"
@@ -345,10 +354,10 @@ def _build(cls, data, prefix: str, prov: dict, default_file, root=None):
     kwargs = {}
     for name, f in fields.items():
         dotted = f"{prefix}{name}"
-        t = hints[name]
+        t = hints[f.name]
         if dataclasses.is_dataclass(t):
-            kwargs[name] = _build(t, data.get(name, {}) or {}, dotted + ".", prov, default_file,
-                                  root or cls)
+            kwargs[f.name] = _build(t, data.get(name, {}) or {}, dotted + ".", prov,
+                                    default_file, root or cls)
             continue
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -360,13 +369,14 @@ def _build(cls, data, prefix: str, prov: dict, default_file, root=None):
             problem = check(value)
             if problem:
                 raise err_for(dotted)(f"bad value {data[name]!r}: {problem}")
-        kwargs[name] = value
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 
 def get_dotted(obj, key: str):
     for part in key.split("."):
-        obj = getattr(obj, part)
+        names = {key_name(f): f.name for f in dataclasses.fields(obj)}
+        obj = getattr(obj, names.get(part, part))
     return obj
 
 

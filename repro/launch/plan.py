@@ -71,7 +71,15 @@ def path_lines(recipe: Recipe) -> list[str]:
             f"deviations: {'; '.join(deviations) or 'none'}"]
 
 
-def render(recipe: Recipe, extra_world_sizes: list[int] | None = None) -> str:
+def stage_lines(recipe: Recipe, smoke: bool = False) -> list[str]:
+    """The chain of stages a fine-tune continues (`init.from`), with their runs."""
+    from repro.train import stages
+
+    return stages.describe_chain(recipe, smoke)
+
+
+def render(recipe: Recipe, extra_world_sizes: list[int] | None = None,
+           smoke: bool = False) -> str:
     """The full dry-run text."""
     from repro import models
 
@@ -90,6 +98,7 @@ def render(recipe: Recipe, extra_world_sizes: list[int] | None = None) -> str:
         *(f"override   {o}" for o in recipe.overrides),
         *target_lines(recipe),
         f"model      {recipe.model.name}",
+        *stage_lines(recipe, smoke),
         f"launch     {recipe.launch.nodes} node(s) x {recipe.launch.gpus_per_node} GPU(s) = "
         f"world size {own} as a --cluster job on GPUs (locally: --nproc)",
         f"data       {recipe.data.format}",

@@ -24,13 +24,14 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "", *, sci: bool = True, check=None,
-       only: str | None = None, not_on: dict | None = None, deviates_on: dict | None = None,
+       name: str | None = None, only: str | None = None, not_on: dict | None = None,
+       deviates_on: dict | None = None,
        inert: tuple = ()):
     """A recipe key. How the data paths (`ffcv`, `folder`) treat it, for `path_report`:
     `only`: the key configures that path alone (meaningless on the other); `not_on`: paths that
     cannot apply it, with the reason; `deviates_on`: paths that apply it differently from the
     official code, with how; `inert`: values at which the key does nothing (never listed)."""
-    return key(default, doc, check=check, scientific=sci, only=only, not_on=not_on or {},
+    return key(default, doc, check=check, name=name, scientific=sci, only=only, not_on=not_on or {},
                deviates_on=deviates_on or {}, inert=inert)
 
 
@@ -221,6 +222,19 @@ class DistillCfg:
 
 
 @dataclass(kw_only=True)
+class InitCfg:
+    """The stage this recipe starts from: another recipe's trained weights (a fine-tune)."""
+
+    from_recipe: str | None = _f(
+        None, "recipe of the stage this one fine-tunes, relative to this recipe file; its "
+        "complete, canonical run of the same seed is used (`repro launch` runs it first)",
+        name="from")
+    weights: Literal["ema", "raw"] = _f("ema", "the parent's EMA weights, or its raw ones")
+    run: str | None = _f(None, "a parent run directory, instead of the one found by seed",
+                         sci=False)
+
+
+@dataclass(kw_only=True)
 class LaunchCfg:
     """The paper-scale run's size: a `--cluster` job asks for exactly this many nodes and GPUs
     per node (the cluster profile supplies partition, cores, memory and time limit)."""
@@ -258,6 +272,7 @@ class Recipe:
     aug: AugCfg = field(default_factory=AugCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    init: InitCfg = field(default_factory=InitCfg)
     launch: LaunchCfg = field(default_factory=LaunchCfg)
     profile: ProfileCfg = field(default_factory=ProfileCfg)
     # Not recipe keys: where the recipe came from and what was changed on the command line.

@@ -176,7 +176,7 @@ def read_weights(path: str | Path, what: str = "checkpoint") -> Weights:
     if ema_key:
         layout += f" + {ema_key}"
     notes: list[str] = []
-    weights = Weights(_unwrap(model, notes), _unwrap(ema, notes) if ema else None, layout)
+    weights = Weights(unwrap(model, notes), unwrap(ema, notes) if ema else None, layout)
     weights.notes = sorted(set(notes))
     return weights
 
@@ -199,7 +199,7 @@ def _is_state_dict(obj: dict) -> bool:
         not any(isinstance(v, dict) for v in obj.values())
 
 
-def _unwrap(state: dict, notes: list[str]) -> dict:
+def unwrap(state: dict, notes: list[str]) -> dict:
     """Tensors only, with DDP/EMA (`module.`) and torch.compile (`_orig_mod.`) prefixes off."""
     out = {}
     for key, value in state.items():

@@ -30,7 +30,7 @@ def environment(world_size: int, device: torch.device, hosts: list[str] | None =
 
 
 def write_launch_files(run: Run, recipe, derived, *, smoke: bool, world_size: int,
-                       device, hosts: list[str] | None = None) -> None:
+                       device, hosts: list[str] | None = None, init: dict | None = None) -> None:
     """recipe.yaml (resolved), launch.json (source, overrides, derived), env.json."""
     from dataclasses import asdict
 
@@ -40,7 +40,7 @@ def write_launch_files(run: Run, recipe, derived, *, smoke: bool, world_size: in
         "recipe": recipe.path, "name": recipe.name, "paper_row": recipe.row_id,
         "overrides": recipe.overrides, "canonical": recipe.canonical and not smoke,
         "non_canonical_keys": recipe.non_canonical_keys, "smoke": smoke,
-        "derived": asdict(derived),
+        "derived": asdict(derived), "init": init,
     }, environment(world_size, device, hosts))
 
 

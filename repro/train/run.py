@@ -22,7 +22,7 @@ from repro import models, rundir
 from repro.data import build_loaders
 from repro.errors import UserError
 from repro.recipe import Derived, Recipe, RecipeError, derive, load_recipe, scientific_changes
-from repro.train import checkpoint, distributed, record
+from repro.train import checkpoint, distributed, record, stages
 from repro.train.loop import RunState, StepConfig, TrainingDiverged, evaluate, train_one_epoch
 from repro.train.optim import (
     DistillationLoss,
@@ -97,6 +97,7 @@ class Setup:
     loss_fn: torch.nn.Module
     step: StepConfig
     teacher_note: str | None
+    start: stages.Loaded | None = None  # the parent stage this run starts from
 
 
 def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
@@ -128,7 +129,9 @@ def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
                           f"{recipe.model.num_classes} but the data have {loaders.num_classes} "
                           "classes")
 
-    model = create_model(recipe, loaders.num_classes).to(env.device)
+    model = create_model(recipe, loaders.num_classes)
+    start = stages.start_from_parent(model, recipe, smoke)  # a fine-tune: its parent's weights
+    model = model.to(env.device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     teacher, teacher_note = build_teacher(recipe, loaders.num_classes, smoke)
@@ -159,7 +162,7 @@ def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
                       clip_mode=recipe.optim.clip_mode, mixup=mixup, ema=ema, scaler=scaler,
                       log_every=t.log_every_steps)
     return Setup(loaders, d, model, unwrapped, ema, optimizer, scheduler, loss_fn, step,
-                 teacher_note)
+                 teacher_note, start)
 
 
 # Scientific keys a resume may change: train.max_steps only says where this launch stops (the
@@ -180,6 +183,9 @@ class Training:
         self.recipe, self.env, self.smoke, self.hooks = recipe, env, smoke, hooks
         self.progress = progress and env.is_main
         self.s = build(recipe, env, smoke=smoke)
+        if self.s.start is not None and not self.s.start.parent.good:
+            recipe.non_canonical_keys.append("init (the parent run is not complete and "
+                                             "canonical)")
         # The run directory: only now, with everything checked.
         t = recipe.train
         run_id = distributed.broadcast_object(
@@ -221,7 +227,8 @@ class Training:
         if env.is_main:
             run.trim_metrics(self.state.step)  # steps after the checkpoint are trained again
             record.write_launch_files(run, self.recipe, self.s.derived, smoke=self.smoke,
-                                      world_size=env.world_size, device=env.device, hosts=hosts)
+                                      world_size=env.world_size, device=env.device, hosts=hosts,
+                                      init=self.s.start.record() if self.s.start else None)
         self.log = record.MetricsLog(run.path, enabled=env.is_main)
 
     def _check_resume(self) -> None:
@@ -276,6 +283,8 @@ class Training:
                 **complexity(recipe, loaders.num_classes, self.s.unwrapped)}
         if self.s.teacher_note:
             base["notes"] = self.s.teacher_note
+        if self.s.start is not None:
+            base["init"] = self.s.start.record()
         return base
 
     # -- the run --------------------------------------------------------------------------

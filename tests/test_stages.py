@@ -1,0 +1,97 @@
+"""Stages (issue 14): a fine-tune names the recipe it continues (`init.from`); `repro launch`
+runs a missing parent first, the child starts from the parent's EMA at another resolution, a
+completed parent is not rerun, and a head of another class count is re-initialised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from repro import models, rundir
+from repro.cli import main
+from repro.recipe import RecipeError, load_recipe
+from repro.train import checkpoint, stages
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes/quickstart.yaml"
+
+
+def write_chain(tmp_path: Path) -> Path:
+    (tmp_path / "pre.yaml").write_text(
+        f"_base_: {QUICKSTART}\n"
+        "data: {format: folder, workers: 0}\nschedule: {epochs: 1}\n"
+        "train: {max_steps: null, log_every_steps: 5}\n")
+    (tmp_path / "ft.yaml").write_text(
+        f"_base_: {QUICKSTART}\n"
+        "init: {from: pre.yaml, weights: ema}\n"
+        "data: {format: folder, workers: 0, resolution: 48}\neval: {resolution: 48}\n"
+        "schedule: {epochs: 1}\ntrain: {log_every_steps: 5}\n")
+    return tmp_path / "ft.yaml"
+
+
+def test_a_two_stage_chain_runs_its_parent_first_and_starts_from_its_ema(tmp_path, capsys):
+    child = write_chain(tmp_path)
+    out = f"train.output_dir={tmp_path}/runs"
+    assert main(["launch", str(child), out, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "stage 1/2" in dry and "pre.yaml  (1 epochs" in dry and "no run yet: runs first" in dry
+    assert main(["launch", str(child), out, "--run-id", "ft1"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage pre: no complete run to start from yet: training it first" in printed
+    (parent,) = rundir.find_runs(tmp_path / "runs/pre")
+    ft = rundir.Run(tmp_path / "runs/ft/ft1")
+    # The parent ended before the child began.
+    assert parent.file("results.json").stat().st_mtime <= ft.file("launch.json").stat().st_mtime
+    init = ft.results().extra["init"]
+    assert init["run"] == str(parent.path) and init["weights"] == "ema"
+    assert init["parent_complete"] and init["parent_canonical"] and ft.results().canonical
+    assert any("checkpoint_filter_fn" in n for n in init["adapted"])  # pos_embed 32 -> 48 px
+    assert ft.json("launch.json")["init"]["run"] == str(parent.path)
+    # A second child run starts from the same parent: it is not trained again.
+    assert main(["launch", str(child), out, "--run-id", "ft2"]) == 0
+    assert "training it first" not in capsys.readouterr().out
+    assert len(rundir.find_runs(tmp_path / "runs/pre")) == 1
+
+
+def test_the_child_model_holds_the_parents_ema_adapted_to_its_resolution(tmp_path):
+    parent_model = models.create("vit_c_nano", 32, num_classes=10)
+    run = rundir.Run(tmp_path / "runs/pre/p0")
+    run.checkpoints.mkdir(parents=True)
+    ema = {f"module.{k}": v + 1 for k, v in parent_model.state_dict().items()}  # EMA != raw
+    checkpoint.save(run.last_checkpoint, {"model": parent_model.state_dict(), "ema": ema})
+    run.write_results(rundir.Results(run_id="p0", recipe="pre", status="complete", seed=0,
+                                     canonical=True))
+    r = load_recipe(write_chain(tmp_path), [f"train.output_dir={tmp_path}/runs"])
+    for classes in (10, 5):  # 5: a 21K -> 1K style head of another class count
+        child = models.create("vit_c_nano", 48, num_classes=classes)
+        fresh_head = child.head.weight.clone()
+        loaded = stages.start_from_parent(child, r)
+        assert loaded.parent.run.path == run.path
+        block = "blocks.0.attn.qkv.weight"
+        assert torch.equal(child.state_dict()[block], ema[f"module.{block}"])
+        assert child.pos_embed.shape[1] > parent_model.pos_embed.shape[1]
+        if classes == 5:
+            assert torch.equal(child.head.weight, fresh_head)
+            assert any("classifier re-initialised" in n for n in loaded.notes)
+        else:
+            assert torch.equal(child.head.weight, ema["module.head.weight"])
+
+
+def test_without_a_parent_run_the_child_says_what_to_run(tmp_path):
+    r = load_recipe(write_chain(tmp_path), [f"train.output_dir={tmp_path}/runs"])
+    with pytest.raises(RecipeError, match="init.from: no complete run of .*pre.yaml with seed 0"):
+        stages.start_from_parent(models.create("vit_c_nano", 48, num_classes=10), r)
+    (tmp_path / "pre.yaml").write_text(f"_base_: {tmp_path / 'ft.yaml'}\n")  # a loop
+    with pytest.raises(RecipeError, match="the stages loop back"):
+        stages.chain(r)
+
+
+def test_a_cluster_launch_with_a_missing_parent_is_refused_in_one_line(tmp_path, capsys):
+    child = write_chain(tmp_path)
+    code = main(["launch", str(child), f"train.output_dir={tmp_path}/runs", "--cluster",
+                 str(ROOT / "slurm/clusters/dev.yaml")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "chained Slurm jobs are not built yet" in err
+    assert not (tmp_path / "runs").exists()
