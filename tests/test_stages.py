@@ -95,3 +95,13 @@ def test_a_cluster_launch_with_a_missing_parent_is_refused_in_one_line(tmp_path,
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "chained Slurm jobs are not built yet" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_fine_tune_is_profiled_without_its_parent_run(tmp_path):
+    from repro.train import profile
+
+    child = write_chain(tmp_path)
+    assert profile.run_cli([str(child), f"train.output_dir={tmp_path}/runs", "profile.wait=0",
+                            "--steps", "1", "--out",
+                            str(tmp_path / "prof")]) == 0
+    assert (tmp_path / "prof/top_ops.md").is_file()

@@ -99,7 +99,8 @@ def _profile(recipe: Recipe, env, *, active, out, smoke) -> ProfileResult | None
     t, pc = recipe.train, recipe.profile
     active = active or pc.active
     # Timing does not depend on the teacher's weights: an absent file is a note, not an error.
-    setup = build(recipe, env, smoke=True)  # the trainer's own objects and step settings
+    # The trainer's own objects and step settings; a fine-tune's parent weights are not needed
+    setup = build(recipe, env, smoke=True, load_parent=False)
     loaders, d, model, unwrapped = setup.loaders, setup.derived, setup.model, setup.unwrapped
     optimizer, scheduler, loss_fn, cfg = setup.optimizer, setup.scheduler, setup.loss_fn, \
         setup.step

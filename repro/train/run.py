@@ -100,11 +100,12 @@ class Setup:
     start: stages.Loaded | None = None  # the parent stage this run starts from
 
 
-def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
+def build(recipe: Recipe, env, *, smoke: bool, load_parent: bool = True) -> Setup:
     """Data, model, EMA, optimizer, schedule, loss and step settings for this rank.
 
     Used by the trainer and by `repro profile`, so a profile times the trainer's own steps.
-    `smoke` tolerates a missing teacher weights file (an untrained teacher, noted)."""
+    `smoke` tolerates a missing teacher weights file (an untrained teacher, noted); `load_parent`
+    loads a fine-tune's parent weights (a profile times the steps, which do not need them)."""
     t = recipe.train
     named = (("model.name", recipe.model.name), ("distill.teacher", recipe.distill.teacher))
     for key, name in named:
@@ -130,7 +131,7 @@ def build(recipe: Recipe, env, *, smoke: bool) -> Setup:
                           "classes")
 
     model = create_model(recipe, loaders.num_classes)
-    start = stages.start_from_parent(model, recipe, smoke)  # a fine-tune: its parent's weights
+    start = stages.start_from_parent(model, recipe, smoke) if load_parent else None
     model = model.to(env.device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
