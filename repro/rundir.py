@@ -139,9 +139,16 @@ def _json(path: Path) -> dict:
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines file. A torn last line (a kill during a write) is ignored;
     a damaged line elsewhere is a one-line RunError naming it."""
+    return _read_jsonl(path)[0]
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], bool]:
+    """(records, whether the file ends in a torn line), the file read once."""
     if not path.exists():
-        return []
-    lines = path.read_text(errors="replace").split("\n")
+        return [], False
+    text = path.read_text(errors="replace")
+    torn = bool(text) and not text.endswith("\n")
+    lines = text.split("\n")
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -149,10 +156,10 @@ def read_jsonl(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if i >= len(lines) - 2 and not path.read_bytes().endswith(b"\n"):
+            if torn and i == len(lines) - 1:
                 break  # the torn last line
             raise RunError(f"{path}:{i + 1}: not a JSON record; the file is damaged") from None
-    return records
+    return records, torn
 
 
 class Run:
@@ -271,11 +278,8 @@ class Run:
         resume starts from, so they would be logged twice) and a torn last line; returns how
         many records were dropped."""
         f = self.path / "metrics.jsonl"
-        if not f.exists():
-            return 0
-        records = self.metrics()
+        records, torn = _read_jsonl(f)
         keep = [r for r in records if r.get("step", 0) <= step]
-        torn = not f.read_bytes().endswith(b"\n") and f.stat().st_size > 0
         if len(keep) < len(records) or torn:
             atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in keep))
         return len(records) - len(keep)

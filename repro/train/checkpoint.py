@@ -228,7 +228,7 @@ def load_strict(model: torch.nn.Module, state: dict, *, path, what: str = "model
     """
     expected = model.state_dict()
     notes: list[str] = []
-    if _problems(expected, state):
+    if problems(expected, state):
         module = sys.modules.get(type(model).__module__)
         filter_fn = getattr(module, "checkpoint_filter_fn", None)
         if filter_fn is not None:
@@ -236,13 +236,13 @@ def load_strict(model: torch.nn.Module, state: dict, *, path, what: str = "model
                 filtered = filter_fn(dict(state), model)
             except Exception:  # a filter that cannot read these keys: report the original
                 filtered = None
-            if isinstance(filtered, dict) and not _problems(expected, filtered):
+            if isinstance(filtered, dict) and not problems(expected, filtered):
                 state = filtered
                 notes.append(f"{module.__name__}.checkpoint_filter_fn")
-    problems = _problems(expected, state)
-    if problems:
+    mismatch = problems(expected, state)
+    if mismatch:
         raise WeightsError(path, f"{what} weights do not match model "
-                          f"{name or type(model).__name__}: {problems}")
+                                 f"{name or type(model).__name__}: {mismatch}")
     # Checkpoints from before BatchNorm counted its batches lack the counter: keep the model's.
     absent = [k for k in expected if k not in state]
     if absent:
@@ -252,7 +252,7 @@ def load_strict(model: torch.nn.Module, state: dict, *, path, what: str = "model
     return notes
 
 
-def _problems(expected: dict, state: dict) -> str:
+def problems(expected: dict, state: dict) -> str:
     """'' when `state` fits `expected`; else what does not, briefly."""
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]

@@ -193,16 +193,10 @@ def adapt(model: torch.nn.Module, state: dict, path) -> list[str]:
         keep[k] = v
     if fresh:
         notes.append(f"classifier re-initialised (class count differs): {', '.join(fresh)}")
-    missing = [k for k in expected if k not in keep and k not in fresh
-               and not k.endswith("num_batches_tracked")]
-    wrong = [f"{k} {tuple(keep[k].shape)} vs {tuple(expected[k].shape)}"
-             for k in expected if k in keep and keep[k].shape != expected[k].shape]
-    unexpected = [k for k in keep if k not in expected]
-    if missing or wrong or unexpected:
-        parts = [f"{len(x)} {what} ({', '.join(x[:3])})" for what, x in
-                 (("missing", missing), ("unexpected", unexpected),
-                  ("wrong shape (parent vs child)", wrong)) if x]
+    # The re-initialised head stands in as the child's own tensors: anything else must fit.
+    mismatch = checkpoint.problems(expected, {**keep, **{k: expected[k] for k in fresh}})
+    if mismatch:
         raise checkpoint.WeightsError(path, "the parent's weights do not fit the child's model "
-                                      f"{type(model).__name__}: {'; '.join(parts)}")
+                                      f"{type(model).__name__}: {mismatch}")
     model.load_state_dict({**expected, **keep}, strict=True)
     return notes
