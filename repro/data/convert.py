@@ -112,16 +112,24 @@ def _write_stoppably(tmp: Path, fields: dict, workers: int, dataset) -> None:
 
     ctx = mp.get_context("fork")
     name = ctx.Array("c", 256)  # the writer's shared-memory segment, once created
-    child = ctx.Process(target=_writer_process, args=(str(tmp), fields, workers, dataset, name))
+    # Held by the child while it creates the segment and reports its name, and by this process
+    # while it stops the child: a segment is never created unnamed, so none can leak.
+    guard, stop = ctx.Lock(), ctx.Value("b", 0)
+    child = ctx.Process(target=_writer_process,
+                        args=(str(tmp), fields, workers, dataset, name, guard, stop))
     child.start()
     try:
         child.join()
     except BaseException:
+        held = guard.acquire(timeout=60)
+        stop.value = 1
         try:
             os.killpg(child.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         child.join()
+        if held:
+            guard.release()
         if name.value:
             try:  # attach and unlink: also settles the resource tracker's account of it
                 segment = shared_memory.SharedMemory(name=name.value.decode())
@@ -135,7 +143,7 @@ def _write_stoppably(tmp: Path, fields: dict, workers: int, dataset) -> None:
                         "messages are above); nothing written")
 
 
-def _writer_process(tmp: str, fields: dict, workers: int, dataset, name) -> None:
+def _writer_process(tmp: str, fields: dict, workers: int, dataset, name, guard, stop) -> None:
     import signal
 
     from ffcv.writer import DatasetWriter
@@ -145,8 +153,11 @@ def _writer_process(tmp: str, fields: dict, workers: int, dataset, name) -> None
 
     class Writer(DatasetWriter):
         def prepare(self):
-            super().prepare()
-            name.value = self.metadata_sm.name.encode()
+            with guard:
+                if stop.value:  # stopped before the segment exists
+                    os._exit(130)
+                super().prepare()
+                name.value = self.metadata_sm.name.encode()
 
     Writer(tmp, fields, num_workers=workers).from_indexed_dataset(dataset, chunksize=100)
 
