@@ -81,7 +81,8 @@ def _cross_checks(r: Recipe, prov: dict, file):
     if r.distill.type != "none" and not r.distill.teacher:
         raise err("distill.teacher", f"distill.type is {r.distill.type!r} but no teacher is named")
     if r.data.dataset == "imagenet" and r.data.train_images is None:
-        raise err("data.train_images", "required for imagenet (1281167 for ImageNet-1K)")
+        raise err("data.train_images", "required for imagenet (1281167 for ImageNet-1K); "
+                  "null is for imagenet21k, whose split is made at conversion")
     if bool(r.paper) != bool(r.row):
         key = "row" if r.paper else "paper"
         raise err(key, "paper and row are given together (a row is addressed as paper/row)")

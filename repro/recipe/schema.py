@@ -68,8 +68,9 @@ class ModelCfg:
 class DataCfg:
     """Where the images come from and how they are fed (augmentation lives in `aug`)."""
 
-    dataset: Literal["imagenet", "digits"] = _f(
-        "imagenet", "imagenet (files at train_path/val_path) or the built-in digits set")
+    dataset: Literal["imagenet", "imagenet21k", "digits"] = _f(
+        "imagenet", "imagenet or imagenet21k (files at train_path/val_path), or the built-in "
+        "digits set")
     format: Literal["ffcv", "folder"] = _f(
         "ffcv", "ffcv (.beton files) or folder (torchvision ImageFolder, the baseline)", sci=False,
         deviates_on={"ffcv": "training images are decoded from the .beton's stored copies "
