@@ -12,6 +12,19 @@ embedding, pre-norm blocks, final LayerNorm, linear head); the stem is a timm `H
 Checked against pycls's own parameter counts: ViT_C-18GF has exactly 81,573,160 parameters and
 ViT_P-18GF 86,567,656 (../shared/papers/NOTES.md).
 
+72GF (paper Appendix C; ImageNet-21k only): built as the pycls configs
+configs/vitconv_baselines/vit/IN21k_ViT-{P,C}-72GF_adamw_128gpus.yaml (vitconfigs@206d0db) have it.
+ViT_P-72GF: width 1152, 18 heads, MLP 4608, 22 blocks; paper and config agree. ViT_C-72GF: the
+config's own stem of nine convs, 3x3 64-128-128-256-256-256-512-512 with strides 2,2,1,2,1,1,2,1
+(BN + ReLU) and a 1x1 conv to 1152, then 21 blocks (one removed, as for every ViT_C). The paper
+text disagrees: "For ViTC-72GF, we use the same C-stem design used for ViTC-18GF and ViTC-36GF,
+but without removing one transformer block" (Appendix C), i.e. the six-conv 18GF stem and 22
+blocks; it also initialises that stem from the ImageNet-21k ViT_C-36GF and freezes it, which fits
+the paper's stem (all but its 1x1 conv) and not the config's. Which of the two produced the
+paper's 86.4 / 87.4 is unconfirmed, but the counts lean to the text: the config's model has
+341.96 M parameters and 70.44 / 216.95 GMACs at 224 / 384; the text's (18GF stem with its 1x1
+conv to 1152, 22 blocks) 354.95 M and 72.74 / 224.19 GMACs, where Appendix C prints 224GF at 384.
+
 Deviation: weight initialisation is timm's ViT scheme, not pycls's (which initialises the conv
 stem with He-normal and the head with zeros); it changes no architecture number.
 Test-size override: `depth=N` (a timm VisionTransformer keyword) builds a shallower model.
@@ -44,6 +57,11 @@ EARLYCONV_CONFIGS = {
     # 36GF keeps the 18GF stem, widened only in its last (1x1) conv.
     "36gf": dict(embed_dim=1024, mlp_dim=4096, num_heads=16, depth=14,
                  stem=(*_STEM_LARGE, (64, 128, 128, 256, 256, 512, 1024))),
+    # Appendix C / the pycls IN21k 72GF configs: ViT_C's stem is the config's nine convs (the
+    # paper text says the 18GF stem and 22 blocks; module docstring).
+    "72gf": dict(embed_dim=1152, mlp_dim=4608, num_heads=18, depth=22,
+                 stem=((3, 3, 3, 3, 3, 3, 3, 3, 1), (2, 2, 1, 2, 1, 1, 2, 1, 1),
+                       (64, 128, 128, 256, 256, 256, 512, 512, 1152))),
 }
 
 # Not a paper row: a scaled-down ViT_C (same design — 3x3 conv-BN-ReLU stem, 1x1 conv to the
@@ -117,7 +135,8 @@ def _create(variant: str, size: str, conv: bool, pretrained: bool, **kwargs):
 
 def _register(size: str, conv: bool):
     name = f"vit_{'c' if conv else 'p'}_{size}"
-    label = f"ViT_{'C' if conv else 'P'}-{size[:-2].upper()}GF (EarlyConv paper Table 1)" \
+    where = "Appendix C and the pycls IN21k config" if size == "72gf" else "Table 1"
+    label = f"ViT_{'C' if conv else 'P'}-{size[:-2].upper()}GF (EarlyConv paper {where})" \
         if size in EARLYCONV_CONFIGS else "Scaled-down ViT_C for 32 px (not a paper row)"
 
     def fn(pretrained: bool = False, **kwargs):
