@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -168,17 +169,6 @@ def _launch_slurm(args) -> int:
     from repro.launch import slurm
 
     seeds = _seeds(args.array) if args.array else None
-    if not args.dry_run:
-        from repro.recipe import load_recipe
-        from repro.train import stages
-
-        missing = stages.missing(load_recipe(args.recipe, args.overrides, smoke=args.smoke),
-                                 args.smoke)
-        if missing:  # each stage its own job, chained with afterok: not built yet
-            raise slurm.SubmissionError(
-                f"{args.recipe}: its parent stage {missing[-1].path} has no complete run yet; "
-                f"chained Slurm jobs are not built yet: submit the parent first "
-                f"(repro launch {missing[0].path} --cluster {args.cluster})")
     records = slurm.submit(args.recipe, args.overrides, args.cluster, nodes=args.nodes,
                            smoke=args.smoke, run_id=args.run_id, seeds=seeds,
                            dry_run=args.dry_run)
@@ -186,9 +176,10 @@ def _launch_slurm(args) -> int:
         print(slurm.render_dry_run(records))
         return 0
     for r in records:
-        print(f"submitted job {r['job_id']}: {r['run_dir']}  (logs: {r['slurm_folder']})")
-    print("follow with: repro status " + (records[0]["run_dir"] if len(records) == 1 else
-                                           str(Path(records[0]["run_dir"]).parent)))
+        after = f", after job {r['after']['job_id']} succeeds" if r["after"] else ""
+        print(f"submitted job {r['job_id']}: {r['run_dir']}  (logs: {r['slurm_folder']}{after})")
+    dirs = [r["run_dir"] for r in records]
+    print("follow with: repro status " + (dirs[0] if len(dirs) == 1 else os.path.commonpath(dirs)))
     return 0
 
 

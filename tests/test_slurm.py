@@ -12,6 +12,7 @@ import submitit
 import torch
 import yaml
 
+from repro import rundir
 from repro.cli import main
 from repro.launch import slurm
 from repro.train import checkpoint
@@ -165,3 +166,85 @@ def test_two_node_job_runs_one_rank_on_each_node(slurm_two_nodes, tmp_path):
     assert wait(rec, slurm_two_nodes) == "COMPLETED"
     env = json.loads((Path(rec["run_dir"]) / "env.json").read_text())
     assert env["world_size"] == 2 and sorted(env["rank_hosts"]) == ["n1", "n2"]
+
+
+def sacct_times(job_id: str, cluster) -> tuple[str, str]:
+    """(Start, End) of a job as sacct records them (ISO seconds; they sort as times)."""
+    out = cluster.run("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "Start,End").stdout
+    start, end = out.strip().splitlines()[0].split("|")
+    return start, end
+
+
+def test_a_chain_is_submitted_stage_by_stage_and_the_child_waits_for_its_parent(
+        slurm_cluster, tmp_path, capsys):
+    """Issue 14: `repro launch child --cluster` submits the missing parent first and the child
+    with --dependency=afterok; the child starts after the parent ends, from the parent's run;
+    a second child does not rerun the completed parent."""
+    from test_stages import write_chain
+
+    child = write_chain(tmp_path)
+    cluster = profile(tmp_path, slurm_cluster)
+    out = f"train.output_dir={tmp_path}/runs"
+    assert main(["launch", str(child), out, "--cluster", cluster, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "stage 1/2  " in dry and "no run yet: runs first" in dry
+    assert "- stage 2/2: " in dry and "after the previous job succeeds" in dry
+    assert not (tmp_path / "runs").exists()  # a dry run submits and writes nothing
+
+    assert main(["launch", str(child), out, "--cluster", cluster, "--run-id", "ft1"]) == 0
+    printed = capsys.readouterr().out
+    (parent,) = rundir.find_runs(tmp_path / "runs/pre", markers=("slurm.json",))
+    pre, ft = parent.json("slurm.json"), rundir.Run(tmp_path / "runs/ft/ft1").json("slurm.json")
+    assert ft["after"] == {"job_id": pre["job_id"], "run_dir": str(parent.path)}
+    assert f"submitted job {ft['job_id']}" in printed and \
+        f"after job {pre['job_id']} succeeds" in printed
+    assert "--dependency=afterok:" + pre["job_id"] in Path(
+        ft["slurm_folder"], f"{ft['job_id']}_submission.sh").read_text()
+    assert wait(ft, slurm_cluster) == "COMPLETED" and wait(pre, slurm_cluster) == "COMPLETED"
+    assert sacct_times(ft["job_id"], slurm_cluster)[0] >= \
+        sacct_times(pre["job_id"], slurm_cluster)[1]  # the child started after the parent ended
+    r = rundir.Run(ft["run_dir"]).results()
+    assert r.complete and r.canonical and r.extra["init"]["run"] == str(parent.path)
+
+    # The parent completed: a second child is one job, with no dependency.
+    assert main(["launch", str(child), out, "--cluster", cluster, "--run-id", "ft2"]) == 0
+    assert capsys.readouterr().out.count("submitted job") == 1
+    ft2 = rundir.Run(tmp_path / "runs/ft/ft2").json("slurm.json")
+    assert ft2["after"] is None and wait(ft2, slurm_cluster) == "COMPLETED"
+    assert len(rundir.find_runs(tmp_path / "runs/pre", markers=("slurm.json",))) == 1
+    assert rundir.Run(ft2["run_dir"]).results().extra["init"]["run"] == str(parent.path)
+
+
+def test_a_failed_parent_leaves_its_child_never_run(slurm_cluster, tmp_path, capsys):
+    from test_stages import write_chain
+
+    child = write_chain(tmp_path)
+    pre = tmp_path / "pre.yaml"
+    pre.write_text(pre.read_text() + "model: {name: no_such_model}\n")  # fails in the job
+    assert main(["launch", str(child), f"train.output_dir={tmp_path}/runs", "--cluster",
+                 profile(tmp_path, slurm_cluster), "--run-id", "ft"]) == 0
+    capsys.readouterr()
+    ft = rundir.Run(tmp_path / "runs/ft/ft").json("slurm.json")
+    (parent,) = rundir.find_runs(tmp_path / "runs/pre", markers=("slurm.json",))
+    assert wait(parent.json("slurm.json"), slurm_cluster) == "FAILED"
+    assert wait(ft, slurm_cluster) == "CANCELLED"  # --kill-on-invalid-dep: never started
+    assert sacct_times(ft["job_id"], slurm_cluster)[0] in ("None", "Unknown")
+    assert sorted(p.name for p in Path(ft["run_dir"]).iterdir()) == ["slurm.json"]
+    assert main(["status", str(tmp_path / "runs")]) == 0
+    status = capsys.readouterr().out
+    assert f"never ran: job {parent.json('slurm.json')['job_id']} it depends on is FAILED" \
+        in status
+    assert "unknown model 'no_such_model'" in status  # the parent's error, from its log
+
+
+def test_a_refused_chain_submission_leaves_nothing_behind(slurm_cluster, tmp_path, capsys):
+    """sbatch refuses the first stage (no such partition): one line of ours, and no run
+    directory, code snapshot or submitit folder is left."""
+    from test_stages import write_chain
+
+    child = write_chain(tmp_path)
+    code = main(["launch", str(child), f"train.output_dir={tmp_path}/runs", "--cluster",
+                 profile(tmp_path, slurm_cluster, partition="no_such_partition")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after sbatch's own words
+    assert code == 1 and last.startswith("repro launch: error: ") and "sbatch refused" in last
+    assert not (tmp_path / "runs").exists()

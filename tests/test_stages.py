@@ -88,15 +88,6 @@ def test_without_a_parent_run_the_child_says_what_to_run(tmp_path):
         stages.chain(r)
 
 
-def test_a_cluster_launch_with_a_missing_parent_is_refused_in_one_line(tmp_path, capsys):
-    child = write_chain(tmp_path)
-    code = main(["launch", str(child), f"train.output_dir={tmp_path}/runs", "--cluster",
-                 str(ROOT / "slurm/clusters/dev.yaml")])
-    err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1 and "chained Slurm jobs are not built yet" in err
-    assert not (tmp_path / "runs").exists()
-
-
 def test_a_fine_tune_is_profiled_without_its_parent_run(tmp_path):
     from repro.train import profile
 

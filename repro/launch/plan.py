@@ -71,11 +71,80 @@ def path_lines(recipe: Recipe) -> list[str]:
             f"deviations: {'; '.join(deviations) or 'none'}"]
 
 
+# The GPU-hour estimate of --dry-run. None of the papers gives GPU costs for most stages
+# (CoAtNet prints TPU costs for its JFT rows only), so it is arithmetic, not a measurement:
+# training costs 3 forward passes per image (forward + backward), a distillation teacher one
+# more of its own, at the utilisation one paper's own figure implies: EarlyConv Table 2 trains
+# ViT_C-18GF (17.7 GMACs) at 11.4 min per ImageNet-1K epoch on 8 V100s, i.e.
+# 6 x 17.7e9 x 1,281,167 / (11.4 x 60 x 8 s) = 24.9 TFLOP/s per GPU, 20 % of a V100's 125 fp16
+# TFLOP/s. Priced here for an A100 (312 dense bf16 TFLOP/s, NVIDIA's datasheet). Small models
+# run far below it (LeViT-256's 1000 epochs took 3-5 days on 32 GPUs, papers/levit.yaml).
+ASSUMED_PEAK_FLOPS = 312e12
+ASSUMED_UTILISATION = 0.20
+ESTIMATE_NOTE = (f"estimate: 3 forward passes per image (+1 teacher) at "
+                 f"{ASSUMED_UTILISATION:.0%} of an A100's {ASSUMED_PEAK_FLOPS / 1e12:.0f} bf16 "
+                 "TFLOP/s, the utilisation EarlyConv Table 2's ViT_C-18GF epoch time implies")
+# ImageNet-21K (fall11) before the held-out split, for a recipe whose count comes from its file.
+NOMINAL_IMAGES = {"imagenet21k": 14_197_122}
+
+
+def gpu_hours(recipe: Recipe) -> float | None:
+    """Estimated GPU-hours of a recipe's whole schedule (ESTIMATE_NOTE), or None when its
+    training-set size is known only once the data are opened."""
+    import torch
+
+    from repro import models
+    from repro.measure.complexity import count_model
+
+    d = derive(recipe, 1, NOMINAL_IMAGES.get(recipe.data.dataset))
+    if d.total_steps is None:
+        return None
+    steps = min(d.total_steps, recipe.train.max_steps or d.total_steps)
+    res = recipe.data.resolution
+    with torch.device("meta"):
+        flops = 3 * count_model(models.create(
+            recipe.model.name, res, num_classes=recipe.model.num_classes,
+            **recipe.model.kwargs), res).flops
+        if recipe.distill.type != "none" and recipe.distill.teacher:
+            flops += count_model(models.create(recipe.distill.teacher, res), res).flops
+    return flops * steps * recipe.train.global_batch / \
+        (ASSUMED_PEAK_FLOPS * ASSUMED_UTILISATION) / 3600
+
+
+def _hours(h: float | None) -> str:
+    return "GPU-hours unknown" if h is None else \
+        f"~{h:,.0f} GPU-hours" if h >= 10 else f"~{h:.2g} GPU-hours"
+
+
 def stage_lines(recipe: Recipe, smoke: bool = False) -> list[str]:
-    """The chain of stages a fine-tune continues (`init.from`), with their runs."""
+    """The compute line, and the chain of stages a fine-tune continues (`init.from`): each
+    stage's epochs, world size, estimated GPU-hours and the run it provides (or that it runs
+    first)."""
     from repro.train import stages
 
-    return stages.describe_chain(recipe, smoke)
+    chain = [*stages.chain(recipe, smoke), recipe]
+    hours = [None if smoke else gpu_hours(s) for s in chain]
+    if smoke:
+        total = "(smoke: not estimated)"
+    elif None in hours:
+        total = "GPU-hours unknown until the data are opened (data.train_images: null)"
+    else:
+        total = f"{_hours(sum(hours))} in all ({ESTIMATE_NOTE})"
+    lines = [f"compute    {total}"]
+    if len(chain) == 1:
+        return lines
+    for i, stage in enumerate(chain):
+        world = stage.launch.nodes * stage.launch.gpus_per_node
+        head = (f"stage {i + 1}/{len(chain)}  {stage.path}  ({stage.schedule.epochs} epochs, "
+                f"world size {world} = {stage.launch.nodes} x {stage.launch.gpus_per_node} GPUs"
+                + ("" if smoke else f", {_hours(hours[i])}") + ")")
+        if i + 1 < len(chain):
+            parent = stages.find_parent(chain[i + 1], smoke)
+            head += f": {parent.describe() if parent else 'no run yet: runs first'}"
+            if parent is not None and not parent.good:
+                head += "; the next stage is NON-CANONICAL"
+        lines.append(head)
+    return lines
 
 
 def render(recipe: Recipe, extra_world_sizes: list[int] | None = None,

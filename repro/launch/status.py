@@ -7,12 +7,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from repro import rundir
-from repro.launch.slurm import load_cluster, slurm_state
-
-LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING",
-               "CONFIGURING"}
-FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-                 "BOOT_FAIL", "DEADLINE"}
+from repro.launch.slurm import FAILED_STATES, LIVE_STATES, profile_conf, slurm_state
 
 
 def find_runs(path: Path) -> list[Path]:
@@ -25,16 +20,18 @@ def describe(run: Path) -> dict:
     r = rundir.Run(run)
     results, slurm, env = r.json("results.json"), r.json("slurm.json"), r.json("env.json")
     metrics = r.last_metrics()
-    state = None
+    state = conf = None
     if slurm:
-        conf = None
-        try:
-            conf = load_cluster(slurm["cluster"]).slurm_conf
-        except Exception:  # the profile moved: ask Slurm with the caller's environment
-            pass
+        conf = profile_conf(slurm.get("cluster"))
         state = slurm_state(slurm["job_id"], conf)
     status = results.get("status") or ("submitted" if slurm else "started")
-    if state in FAILED_STATES or status == "failed":
+    after = (slurm.get("after") or {}).get("job_id")
+    if after and not results and (state in FAILED_STATES or state == "PENDING"):
+        # A stage of a chain that has not started: say what it waits for, or why it never ran.
+        parent = slurm_state(after, conf) or "state unknown"
+        status = (f"waiting for job {after} ({parent})" if state == "PENDING" else
+                  f"never ran: job {after} it depends on is {parent}")
+    elif state in FAILED_STATES or status == "failed":
         status = "failed"
     elif state == "COMPLETED" and status == "running":
         status = "incomplete"
@@ -42,6 +39,7 @@ def describe(run: Path) -> dict:
         status = "interrupted (resumable)"  # no live launch holds it: killed, not running
     return {
         "run": str(run), "status": status, "job": slurm.get("job_id", "local"),
+        "after": after or "-",
         "slurm_state": state or "-", "requeues": env.get("requeue_count", 0),
         "epoch": f"{results.get('epochs_done', metrics.get('epoch', 0))}/"
                  f"{results.get('epochs_planned', '?')}",
@@ -58,8 +56,8 @@ def _tail(path: str | None, n: int = 15) -> list[str]:
 
 
 def render(rows: list[dict]) -> str:
-    cols = ["run", "status", "job", "slurm_state", "requeues", "epoch", "step", "loss", "top1",
-            "ema_top1"]
+    cols = ["run", "status", "job", "after", "slurm_state", "requeues", "epoch", "step", "loss",
+            "top1", "ema_top1"]
     out = [tabulate([[r[c] if r[c] is not None else "-" for c in cols] for r in rows], cols,
                     tablefmt="simple", floatfmt=".3g")]
     for r in rows:

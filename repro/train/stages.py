@@ -109,29 +109,16 @@ def find_parent(recipe: Recipe, smoke: bool = False) -> Parent | None:
 
 
 def missing(recipe: Recipe, smoke: bool = False) -> list[Recipe]:
-    """The ancestor stages without a run to start from, in the order they must run."""
+    """The ancestor stages that must run before `recipe` can start, first stage first: walking
+    back from the recipe, every stage up to the nearest one with a run to start from (a
+    complete later stage spares the earlier ones)."""
     stages = [*chain(recipe, smoke), recipe]
-    return [stages[i - 1] for i in range(1, len(stages))
-            if not stages[i].init.run and find_parent(stages[i], smoke) is None]
-
-
-def describe_chain(recipe: Recipe, smoke: bool = False) -> list[str]:
-    """The dry-run's lines: each stage, its epochs, and the run it provides (or that it runs
-    first)."""
-    stages = [*chain(recipe, smoke), recipe]
-    if len(stages) == 1:
-        return []
-    lines = []
-    for i, stage in enumerate(stages):
-        head = f"stage {i + 1}/{len(stages)}  {stage.path}  ({stage.schedule.epochs} epochs, " \
-               f"{stage.launch.nodes} x {stage.launch.gpus_per_node} GPUs)"
-        if i + 1 < len(stages):
-            parent = find_parent(stages[i + 1], smoke)
-            head += f": {parent.describe() if parent else 'no run yet: runs first'}"
-            if parent is not None and not parent.good:
-                head += "; the next stage is NON-CANONICAL"
-        lines.append(head)
-    return lines
+    out: list[Recipe] = []
+    for i in range(len(stages) - 1, 0, -1):
+        if stages[i].init.run or find_parent(stages[i], smoke) is not None:
+            break
+        out.insert(0, stages[i - 1])
+    return out
 
 
 @dataclass
