@@ -69,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     conv = dsub.add_parser(
         "convert", help="ImageFolder tree -> FFCV .beton (+ <file>.json record)",
-        description="Convert an ImageFolder tree (ImageNet's layout) to an FFCV .beton. DST may "
+        description="Convert an ImageFolder tree (ImageNet's layout), or a folder of per-class "
+        ".tar files (ImageNet-21K as distributed), to an FFCV .beton. DST may "
         "be a directory: the file is then named by its writer settings, e.g. "
         "train_500_0.50_90.beton.")
-    conv.add_argument("src", help="ImageFolder root, e.g. /datasets/imagenet/train")
+    conv.add_argument("src", help="ImageFolder root, e.g. /datasets/imagenet/train, or a "
+                      "folder of per-class .tar files")
     conv.add_argument("dst", help=".beton file, or a directory for the default name")
     conv.add_argument("--max-res", type=int, default=500,
                       help="longest side stored, px (default 500; 0 = keep)")
@@ -92,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "RES / CROP_PCT, bilinear|bicubic) and centre-cropped to RES with PIL, as "
                       "the recipes' eval protocol does, stored raw; default name e.g. "
                       "val_224_0.875_bicubic.beton")
+    conv.add_argument("--holdout", type=int, metavar="N", default=None,
+                      help="SRC has no validation split (ImageNet-21K): leave N images per "
+                      "class out of this training file, chosen by a hash of their names "
+                      "(recorded in the sidecar)")
+    conv.add_argument("--heldout-of", metavar="TRAIN_BETON", default=None,
+                      help="write the images TRAIN_BETON's --holdout left out (with "
+                      "--eval-protocol: the evaluation file)")
     check = dsub.add_parser("check", help="check a .beton against its conversion record "
                             "(size and sha256)")
     check.add_argument("beton", help=".beton file written by repro data convert")
@@ -301,7 +310,7 @@ def cmd_data(args) -> int:
     record = convert(args.src, args.dst, max_res=args.max_res or None, quality=args.quality,
                      compress_prob=args.compress_prob, workers=args.workers,
                      on_error=args.on_error, overwrite=args.overwrite, eval_protocol=protocol,
-                     labels=args.labels)
+                     labels=args.labels, holdout=args.holdout, heldout_of=args.heldout_of)
     dst = record["destination"]
     print(f"wrote {dst}: {record['num_images']} images, {record['num_classes']} classes; "
           f"skipped {record['skipped_count']} unreadable (listed in {sidecar_path(dst)})")

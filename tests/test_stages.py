@@ -4,6 +4,7 @@ completed parent is not rerun, and a head of another class count is re-initialis
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,82 @@ def test_a_fine_tune_is_profiled_without_its_parent_run(tmp_path):
                             "--steps", "1", "--out",
                             str(tmp_path / "prof")]) == 0
     assert (tmp_path / "prof/top_ops.md").is_file()
+
+
+def imagenet21k_style(tmp_path: Path) -> Path:
+    """The built-in digits' training images laid out as ImageNet-21K is distributed: one .tar
+    per class (flat members), here with two classes left unpacked as folders."""
+    from repro.data import builtin
+
+    src = tmp_path / "in21k"
+    src.mkdir()
+    for cls in sorted(p.name for p in builtin.ensure_digits(32).train_dir.iterdir()):
+        images = sorted((builtin.ensure_digits(32).train_dir / cls).iterdir())
+        if cls in ("8", "9"):
+            (src / cls).symlink_to(images[0].parent)
+            continue
+        with tarfile.open(src / f"{cls}.tar", "w") as tf:
+            for image in images:
+                tf.add(image, arcname=f"{cls}_{image.name}")
+    return src
+
+
+def test_a_21k_style_chain_converts_the_release_and_fine_tunes_a_new_head(tmp_path, capsys):
+    """Issue 14: a parent pre-trained on more classes (10, per-class .tar files split by
+    `--holdout`, sigmoid loss as CoAtNet's 21K stage) and a child fine-tuned on 5 of them at
+    48 px: the child's head is re-initialised, its body starts from the parent, and it trains."""
+    from repro.data import builtin
+    from repro.data.beton import read_sidecar
+
+    src = imagenet21k_style(tmp_path)
+    data = tmp_path / "data"
+    convert = ["data", "convert", str(src), "--max-res", "0", "--compress-prob", "0",
+               "--workers", "1"]
+    assert main([*convert[:3], str(data / "train.beton"), *convert[3:], "--holdout", "20"]) == 0
+    assert main([*convert[:3], str(data / "val.beton"), *convert[3:],
+                 "--heldout-of", str(data / "train.beton")]) == 0
+    train, val = read_sidecar(data / "train.beton"), read_sidecar(data / "val.beton")
+    per_class = [len(list((builtin.ensure_digits(32).train_dir / c).iterdir()))
+                 for c in train["classes"]]
+    assert train["classes"] == [str(c) for c in range(10)] and val["classes"] == train["classes"]
+    assert val["num_images"] == 10 * 20 and train["num_images"] == sum(per_class) - 200
+    assert val["holdout"]["heldout_sha256"] == train["holdout"]["heldout_sha256"]
+    assert val["holdout"]["part"] == "heldout" and train["holdout"]["part"] == "train"
+    # A different source (a class missing) is refused for the held-out file, in one line.
+    (src / "9").unlink()
+    assert main([*convert[:3], str(data / "x.beton"), *convert[3:],
+                 "--heldout-of", str(data / "train.beton")]) == 1
+    assert "not the source" in capsys.readouterr().err
+
+    five = tmp_path / "digits5"  # the "1K" of this chain: 5 of the 10 classes
+    for split in ("train", "val"):
+        for c in range(5):
+            (five / split).mkdir(parents=True, exist_ok=True)
+            (five / split / str(c)).symlink_to(builtin.ensure_digits(32).root / split / str(c))
+    (tmp_path / "pre21k.yaml").write_text(
+        f"_base_: {QUICKSTART}\n"
+        f"data: {{dataset: imagenet21k, train_path: {data / 'train.beton'}, "
+        f"val_path: {data / 'val.beton'}, workers: 0}}\n"
+        "schedule: {epochs: 2, warmup_epochs: 0.5}\n"
+        "train: {loss: sigmoid, label_smoothing: 1.0e-4, log_every_steps: 5}\n")
+    (tmp_path / "ft1k.yaml").write_text(
+        f"_base_: {QUICKSTART}\n"
+        "init: {from: pre21k.yaml, weights: ema}\n"
+        "model: {num_classes: 5}\n"
+        f"data: {{dataset: imagenet, format: folder, train_path: {five / 'train'}, "
+        f"val_path: {five / 'val'}, train_images: {sum(per_class[:5])}, workers: 0, "
+        "resolution: 48}\n"
+        "eval: {resolution: 48}\nschedule: {epochs: 3, warmup_epochs: 0.5}\n"
+        "train: {log_every_steps: 5}\n")
+    assert main(["launch", str(tmp_path / "ft1k.yaml"), f"train.output_dir={tmp_path}/runs",
+                 "--run-id", "ft"]) == 0
+    (parent,) = rundir.find_runs(tmp_path / "runs/pre21k")
+    assert parent.results().complete
+    ft = rundir.Run(tmp_path / "runs/ft1k/ft")
+    init = ft.results().extra["init"]
+    assert init["run"] == str(parent.path)
+    assert any(n.startswith("classifier re-initialised") and "head.weight" in n
+               for n in init["adapted"])
+    losses = [m["train/loss"] for m in ft.metrics() if "train/loss" in m]
+    assert losses[-1] < losses[0]
+    assert ft.results().metrics["final/eval/top1"] > 40  # chance is 20

@@ -30,36 +30,38 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from repro.data import DataError
+from repro.data import DataError, release
 from repro.data.beton import (
     default_name,
     digest,
     protocol,
     protocol_name,
+    read_sidecar,
     sidecar_path,
 )
 from repro.data.ffcv import import_ffcv
-from repro.data.tree import flat_images, image_tree
+from repro.data.tree import flat_images
 from repro.io import atomic_write_json
 
 DEFAULTS = {"max_res": 500, "quality": 90, "compress_prob": 0.5}
 
 
 def list_images(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes and (path, class index) pairs, each image labelled once (repro.data.tree)."""
-    return image_tree(src)
+    """Classes and (image, class index) pairs, each image labelled once: an ImageFolder tree
+    (repro.data.tree), or ImageNet-21K's per-class .tar files (repro.data.release)."""
+    return release.source_images(src)
 
 
 def load_rgb(path: str) -> Image.Image:
     """Decode any image PIL reads (whatever its extension says) and convert it to RGB."""
-    with Image.open(path) as im:
+    with Image.open(release.open_image(path)) as im:
         return im.convert("RGB")  # CMYK, L, P, RGBA, I;16 ... -> RGB; loads the pixels
 
 
 def check_image(path: str) -> str | None:
     """None if `path` decodes, else the error in one line."""
     try:
-        with Image.open(path) as im:
+        with Image.open(release.open_image(path)) as im:
             if im.format == "JPEG":
                 # DCT-domain downscaling: ~8x cheaper, and it still reads every scan, so a
                 # truncated file fails here as it would on a full decode.
@@ -68,6 +70,30 @@ def check_image(path: str) -> str | None:
         return None
     except Exception as e:  # PIL raises many types for bad files
         return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _split(src: Path, classes: list[str], samples: list, holdout: int | None,
+           heldout_of) -> tuple[list, dict | None]:
+    """The training part (`holdout`), the held-out part (`heldout_of`), or all the samples."""
+    if holdout and heldout_of:
+        raise DataError("--holdout and --heldout-of: give one (the training file holds out, "
+                        "the evaluation file takes what it held out)")
+    if holdout:
+        train, _, record = release.split(src, classes, samples, holdout)
+        return train, {**record, "part": "train"}
+    if heldout_of is None:
+        return samples, None
+    train_record = read_sidecar(heldout_of) or {}
+    made = train_record.get("holdout")
+    if not made or made.get("part") != "train":
+        raise DataError(f"{heldout_of}: not a training file written with --holdout (its "
+                        f"record {sidecar_path(heldout_of)} has no split)")
+    _, held, record = release.split(src, classes, samples, made["per_class"])
+    if record["heldout_sha256"] != made["heldout_sha256"] or \
+            train_record.get("classes") != classes:
+        raise DataError(f"{src}: not the source {heldout_of} was split from (its classes or "
+                        "held-out images differ)")
+    return held, {**record, "part": "heldout", "of": str(Path(heldout_of).resolve())}
 
 
 def _default_signals() -> None:
@@ -166,9 +192,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
             quality: int = 90, compress_prob: float = 0.5, workers: int | None = None,
             on_error: str = "skip", overwrite: bool = False, progress: bool = True,
             eval_protocol: tuple[int, float, str] | None = None,
-            labels: str | os.PathLike | None = None) -> dict:
-    """Write `src` (an ImageFolder tree; or, with `labels`, a flat folder labelled by that
-    file: repro.data.tree.flat_images) to the .beton `dst`; returns the sidecar record.
+            labels: str | os.PathLike | None = None, holdout: int | None = None,
+            heldout_of: str | os.PathLike | None = None) -> dict:
+    """Write `src` (an ImageFolder tree, or ImageNet-21K's per-class .tar files; or, with
+    `labels`, a flat folder labelled by that file: repro.data.tree.flat_images) to the .beton
+    `dst`; returns the sidecar record. `holdout`: leave N images per class out (the training
+    file of a release without a validation split); `heldout_of`: write the images that
+    training file left out (repro.data.release).
 
     `dst` may be a directory (or end in '/'): the file is then named by `default_name`, or by
     `protocol_name` for an `eval_protocol` file (module doc).
@@ -207,6 +237,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
     classes, samples = flat_images(src, labels) if labels else list_images(src)
     if not samples:
         raise DataError(f"{src}: no images found under its class folders")
+    samples, split = _split(src, classes, samples, holdout, heldout_of)
     paths = [p for p, _ in samples]
     with Pool(workers, initializer=_default_signals) as pool:
         results = list(tqdm(pool.imap(check_image, paths, chunksize=64), total=len(paths),
@@ -241,6 +272,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
                         "compress_probability": compress_prob, "write_mode": "proportion"})
             | {"ffcv": importlib.metadata.version("ffcv")},  # the installed distribution
             "eval_protocol": protocol(*eval_protocol) if eval_protocol else None,
+            "holdout": split,  # how a release without a validation split was split
             "skipped_count": len(skipped),
             "skipped": skipped,
             "size": tmp.stat().st_size,  # checked on every open (repro.data.beton.verify)
