@@ -15,6 +15,9 @@ from repro.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml"))
+# Recipes other recipes start from (init.from): the pre-training stages.
+STAGES = {Path(load_recipe(p).init.from_recipe).name for p in RECIPES
+          if load_recipe(p).init.from_recipe}
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -46,7 +49,10 @@ def test_every_recipe_resolves_with_dry_run(capsys, recipe):
     code, out, err = run_cli(capsys, "launch", str(recipe), "--dry-run")
     assert code == 0, err
     r = load_recipe(recipe)
-    assert r.canonical and (r.row_id or recipe.stem == "quickstart"), "recipes name their row"
+    assert r.canonical
+    if not r.row_id and recipe.stem != "quickstart":  # a pre-training stage: its fine-tunes
+        assert recipe.name in STAGES and r.notes, "recipes name their row, or are a stage " \
+            "another recipe starts from and say in notes: which rows it feeds"
     if r.row_id:
         assert f"target     {r.row_id}" in out and "source:" in out
     assert derived_rows(out)[1][1] == str(r.train.global_batch)

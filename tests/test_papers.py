@@ -314,3 +314,29 @@ def test_rows_no_one_can_reproduce_say_why(tmp_path):
     message = table_error(tmp_path, GOOD_TABLE.replace(
         '    source: "Paper Table 1"\n', '    source: "Paper Table 1"\n    not_reproducible: ""\n'))
     assert "'not_reproducible' must be the reason" in message
+
+
+def test_every_row_has_a_recipe_or_says_why_it_cannot_be_reproduced():
+    """Issue 14: a paper row is either one command (a recipe names it) or marked
+    not_reproducible with its reason; a row with neither fails here."""
+    from pathlib import Path
+
+    import yaml
+
+    from repro.papers import load_rows, paper_keys
+
+    root = Path(__file__).resolve().parents[1]
+    named = set()
+    for path in (root / "recipes").glob("*.yaml"):
+        text = yaml.safe_load(path.read_text()) or {}
+        if text.get("paper") and text.get("row"):
+            named.add(f"{text['paper']}/{text['row']}".lower())
+    orphans = []
+    for key in paper_keys():
+        for r in load_rows(key).itertuples(index=False):
+            if r.id.lower() not in named and not r.not_reproducible:
+                orphans.append(r.id)
+    assert orphans == [], f"rows with neither a recipe nor a not_reproducible reason: {orphans}"
+    # Every recipe's row exists (load_recipe checks it; here without loading each recipe).
+    known = {r.lower() for k in paper_keys() for r in load_rows(k)["id"]}
+    assert named <= known, sorted(named - known)

@@ -50,6 +50,14 @@ def test_a_two_stage_chain_runs_its_parent_first_and_starts_from_its_ema(tmp_pat
     assert init["parent_complete"] and init["parent_canonical"] and ft.results().canonical
     assert any("checkpoint_filter_fn" in n for n in init["adapted"])  # pos_embed 32 -> 48 px
     assert ft.json("launch.json")["init"]["run"] == str(parent.path)
+    # The report shows the row's chain, and its compute summed over both stages.
+    from repro.report import results
+
+    runs, _ = results.load_runs([tmp_path / "runs"])
+    row = runs.set_index("recipe").loc["ft"]
+    hours = [rundir.Run(p).results() for p in (parent.path, ft.path)]
+    assert row["chain"] == "pre → ft"
+    assert row["cpu_hours"] == pytest.approx(sum(h.wall_time_s for h in hours) / 3600)
     # A second child run starts from the same parent: it is not trained again.
     assert main(["launch", str(child), out, "--run-id", "ft2"]) == 0
     assert "training it first" not in capsys.readouterr().out

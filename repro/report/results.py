@@ -28,7 +28,9 @@ HEADER = """\
   `above` otherwise; `incomplete` when fewer epochs than planned were done; `non-canonical`
   when a scientific key was overridden or the run was a `--smoke` check; `not run` without runs.
 - **FLOPs** are multiply-adds (GMACs), as the papers count them. **GPU-hours**: wall time x
-  world size on GPUs; CPU runs show CPU-process-hours. Paper numbers cite their table.
+  world size on GPUs; CPU runs show CPU-process-hours. A fine-tune shows its chain of stages
+  (`pre-training → fine-tune`, from each run's `init` record) and the compute of all of them.
+  Paper numbers cite their table.
 """
 
 
@@ -44,9 +46,11 @@ def load_runs(paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
             continue
         speed = [m["throughput/images_per_s"] for m in metrics if "throughput/images_per_s" in m]
         on_gpu = bool(env.get("hardware", {}).get("gpus")) and "cuda" in str(r.get("device"))
-        hours = r.get("wall_time_s", 0) * r.get("world_size", 1) / 3600
+        stages, earlier = chain(r)
+        hours = _device_hours(r) + earlier
         rows.append({
             "run": str(run.path), "recipe": r.get("recipe"), "row_id": r.get("paper_row"),
+            "chain": " → ".join([*stages, r.get("recipe") or "?"]) if stages else "",
             "seed": r["seed"], "updated": run.file("results.json").stat().st_mtime,
             "status": r.get("status"), "canonical": bool(r.get("canonical")),
             "smoke": bool(r.get("smoke")), "overrides": tuple(r.get("non_canonical_keys", [])),
@@ -58,6 +62,33 @@ def load_runs(paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
             "gpu_hours": hours if on_gpu else None, "cpu_hours": None if on_gpu else hours,
         })
     return pd.DataFrame(rows), skipped
+
+
+def _device_hours(r: dict) -> float:
+    return r.get("wall_time_s", 0) * r.get("world_size", 1) / 3600
+
+
+def chain(r: dict) -> tuple[list[str], float]:
+    """The recipes of the stages a run continues (its `init` record, followed back through
+    each parent's results.json), first stage first, and their wall time x world size in
+    hours. A parent run that is gone or unreadable shows as '?' and ends the walk."""
+    names: list[str] = []
+    hours, seen = 0.0, set()
+    init = r.get("init")
+    while init and init.get("run") and init["run"] not in seen:
+        seen.add(init["run"])
+        try:
+            parent = rundir.Run(init["run"]).results()
+        except rundir.RunError:
+            parent = None
+        if parent is None:
+            names.insert(0, "?")
+            break
+        p = parent.to_json()
+        names.insert(0, p.get("recipe") or "?")
+        hours += _device_hours(p)
+        init = p.get("init")
+    return names, hours
 
 
 GROUP = ["row_id", "recipe", "canonical", "smoke", "overrides"]  # one measured entry each
@@ -87,7 +118,7 @@ def _group(runs: pd.DataFrame) -> pd.DataFrame:
         GROUP + ["complete"], dropna=False, sort=True).agg(
         n=("run", "count"), top1=("top1", "mean"), top1_std=("top1", "std"),
         ema_top1=("ema_top1", "mean"), params_m=("params_m", "first"),
-        gmacs=("gmacs", "first"), resolution=("resolution", "first"),
+        gmacs=("gmacs", "first"), resolution=("resolution", "first"), chain=("chain", "first"),
         epochs_done=("epochs_done", "max"), epochs_planned=("epochs_planned", "max"),
         images_per_s=("images_per_s", "median"),
         gpu_hours=("gpu_hours", "sum"), cpu_hours=("cpu_hours", "sum"),
@@ -137,9 +168,10 @@ def _measured(e: dict) -> str:
 
 
 def _hours(e: dict) -> str:
+    stages = f" ({e['chain'].count('→') + 1} stages)" if e.get("chain") else ""
     if e.get("gpu_hours"):
-        return f"{e['gpu_hours']:.2f} GPU-h"
-    return f"{e['cpu_hours']:.3f} CPU-h" if e.get("cpu_hours") else "–"
+        return f"{e['gpu_hours']:.2f} GPU-h{stages}"
+    return f"{e['cpu_hours']:.3f} CPU-h{stages}" if e.get("cpu_hours") else "–"
 
 
 def paper_table(key: str, measured: pd.DataFrame) -> list[list]:
@@ -154,7 +186,7 @@ def paper_table(key: str, measured: pd.DataFrame) -> list[list]:
         tol = TOP1_TOL if _nan(r.top1_tol) else float(r.top1_tol)
         for e in entries or [None]:
             v = verdict(e, paper_top1, tol)
-            label = r.row + ("" if e is None else f" [{e['recipe']}"
+            label = r.row + ("" if e is None else f" [{e.get('chain') or e['recipe']}"
                              + (", smoke" if e["smoke"] else "")
                              + (f", {', '.join(e['overrides'])}" if e["overrides"] and
                                 not e["smoke"] else "") + "]")
@@ -198,8 +230,8 @@ def render(runs: pd.DataFrame, *, paper: str | None = None, command: str = "repr
                  _fmt(e["gmacs"], 3), f"{e['epochs_done']}/{e['epochs_planned']}",
                  _hours(e), e["device"]] for e in other.to_dict("records")]
         out += ["", "## Runs without a paper row", "",
-                "Recipes that reproduce no table row (the quickstart): shown for what they "
-                "measured, with no verdict.", "",
+                "Recipes that reproduce no table row (the quickstart, pre-training stages): "
+                "shown for what they measured, with no verdict.", "",
                 tabulate(body, ["recipe", "top-1", "EMA top-1", "params (M)", "GMACs",
                                 "epochs", "compute", "device"], tablefmt="github",
                          disable_numparse=True)]
