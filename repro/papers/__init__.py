@@ -98,7 +98,10 @@ def load_rows(paper: str | None = None, directory: str | Path | None = None) -> 
             record.update(id=f"{key}/{row['row']}", paper=key, baseline=bool(row.get("baseline")),
                           not_reproducible=not_reproducible(row))
             records.append(record)
-    return pd.DataFrame.from_records(records, columns=list(_COLUMNS))
+    table = pd.DataFrame.from_records(records, columns=list(_COLUMNS))
+    reason = table["not_reproducible"].astype(object)
+    table["not_reproducible"] = reason.where(reason.notna(), None)  # None, never NaN
+    return table
 
 
 def not_reproducible(row: dict) -> str | None:
