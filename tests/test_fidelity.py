@@ -210,3 +210,17 @@ def test_explicit_zero_drop_path_gives_zero():
     r = load_recipe("recipes/cvt_13.yaml")
     rates = [m.drop_prob for m in create_model(r, 10).modules() if hasattr(m, "drop_prob")]
     assert max(rates) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_a_recipe_trains_its_rows_model_and_evaluates_at_its_rows_resolution(recipe):
+    """The model `repro verify` counts for a row is the one its recipe trains, and the row's
+    resolution is the one its recipe evaluates at (a fine-tune at 384 evaluates at 384)."""
+    from repro import papers
+
+    r = load_recipe(recipe)
+    if not r.row_id:
+        return  # a pre-training stage: its fine-tunes carry the row
+    row = papers.get_row(r.row_id)
+    assert r.model.name == row["timm_model"], (r.model.name, row["timm_model"])
+    assert (r.eval.resolution or r.data.resolution) == row["resolution"]
