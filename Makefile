@@ -25,6 +25,7 @@ help:
 	@echo "make quickstart   install everything, then run the main job"
 	@echo "make test         install everything, then run the tests (pytest)"
 	@echo "make lint         ruff check, and lint-imports (the layers in pyproject.toml)"
+	@echo "make smoke-recipes  the --smoke of every recipe, chains stage by stage (~15 min)"
 
 install: system-packages $(VENV)/.installed
 
@@ -57,6 +58,10 @@ quickstart: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The --smoke of every recipe, each stage of a chain in turn (CI runs one of each kind).
+smoke-recipes: install
+	$(BIN)/python -m pytest tests/test_recipe_smoke.py -m "every_recipe or not every_recipe"
 
 lint: install
 	$(BIN)/ruff check repro tests

@@ -85,7 +85,8 @@ class Parent:
 
 def find_parent(recipe: Recipe, smoke: bool = False) -> Parent | None:
     """The pinned parent run (`init.run`), or the parent recipe's latest complete canonical
-    run with this seed (a smoke child takes a smoke parent); None when there is none yet."""
+    run with this seed (a smoke child takes a smoke parent that ran its steps); None when
+    there is none yet."""
     if recipe.init.run:
         run = rundir.Run(recipe.init.run)
         if not run.last_checkpoint.exists():
@@ -100,7 +101,9 @@ def find_parent(recipe: Recipe, smoke: bool = False) -> Parent | None:
     for run in rundir.find_runs(Path(parent.train.output_dir) / parent.name,
                                 markers=("results.json",)):
         r = run.results()
-        if (r.complete and r.seed == recipe.train.seed and r.smoke == smoke
+        # A smoke run always stops at its train.max_steps ("incomplete"): that is its end.
+        ended = r.complete or (smoke and r.status == "incomplete")
+        if (ended and r.seed == recipe.train.seed and r.smoke == smoke
                 and (r.canonical or smoke) and run.last_checkpoint.exists()):
             found.append((run.file("results.json").stat().st_mtime, str(run.path), run))
     if not found:
