@@ -94,19 +94,21 @@ def gpu_hours(recipe: Recipe) -> float | None:
     import torch
 
     from repro import models
-    from repro.measure.complexity import count_model
+    from repro.measure.complexity import count, count_model
 
     d = derive(recipe, 1, NOMINAL_IMAGES.get(recipe.data.dataset))
     if d.total_steps is None:
         return None
     steps = min(d.total_steps, recipe.train.max_steps or d.total_steps)
-    res = recipe.data.resolution
-    with torch.device("meta"):
-        flops = 3 * count_model(models.create(
-            recipe.model.name, res, num_classes=recipe.model.num_classes,
-            **recipe.model.kwargs), res).flops
-        if recipe.distill.type != "none" and recipe.distill.teacher:
-            flops += count_model(models.create(recipe.distill.teacher, res), res).flops
+    res, m = recipe.data.resolution, recipe.model
+    if m.kwargs:  # an architecture change: counted as built
+        with torch.device("meta"):
+            model = models.create(m.name, res, num_classes=m.num_classes, **m.kwargs)
+        flops = 3 * count_model(model, res).flops
+    else:  # counted once per process (a chain's stages share their parents)
+        flops = 3 * count(m.name, res, m.num_classes).flops
+    if recipe.distill.type != "none" and recipe.distill.teacher:
+        flops += count(recipe.distill.teacher, res).flops
     return flops * steps * recipe.train.global_batch / \
         (ASSUMED_PEAK_FLOPS * ASSUMED_UTILISATION) / 3600
 
