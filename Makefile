@@ -17,7 +17,8 @@ REPRO := $(BIN)/repro
 APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config \
 	slurmctld slurmd slurm-client munge slurmdbd mariadb-server-core mariadb-client-core rsync
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-PYTEST_ARGS ?=
+# Two workers; the dev-Slurm tests share one (tests/conftest.py). PYTEST_ARGS= runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: help install system-packages quickstart test lint clean
 

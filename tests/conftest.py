@@ -114,3 +114,38 @@ def slurm_cluster(tmp_path_factory):
 def slurm_two_nodes(tmp_path_factory):
     """A two-node cluster (nodes n1 and n2 on this machine)."""
     yield from _cluster(tmp_path_factory, "sd2n", nodes=2)
+
+
+# ------------------------------------------------------------------------------------------
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Every test
+# that uses a dev Slurm cluster goes to one worker, so a session starts each cluster once and
+# the cluster tests never race each other's daemons; they are collected first, so that worker
+# starts on them while the other takes the rest. The tests of `repro verify`'s counts (one
+# module fixture, a minute of FLOP counting) share a worker too.
+
+SLURM_FIXTURES = {"slurm_cluster", "slurm_two_nodes"}
+
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # Each worker (and the processes it starts) gets its share of the cores for torch's
+    # intra-op threads: on 2 cores, one each, not two pools of two contending for them.
+    import torch
+
+    _threads = max(1, (os.cpu_count() or 1) //
+                   int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
+
+def _group(item) -> str | None:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if fixtures & SLURM_FIXTURES or item.module.__name__ == "test_slurm_dev":
+        return "slurm"
+    return "verify" if "verified" in fixtures else None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = _group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: _group(item) != "slurm")  # stable: otherwise as collected

@@ -134,6 +134,7 @@ def test_failing_job_is_reported_failed_with_its_error(slurm_cluster, tmp_path, 
 def test_array_of_seeds_is_one_job_per_seed(slurm_cluster, tmp_path, capsys):
     cluster = profile(tmp_path, slurm_cluster)
     args = ["launch", QUICKSTART, "--smoke", "--cluster", cluster, "--array", "seeds=0,1",
+            "data.format=folder", "data.workers=0",  # the FFCV path's jobs: the smoke test's
             f"train.output_dir={tmp_path}/runs", "--run-id", "arr"]
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
