@@ -19,7 +19,7 @@ from PIL import Image
 
 from repro.cli import main
 from repro.data import DataError, build_loaders, ffcv_available
-from repro.data.builtin import ensure_digits
+from repro.data.builtin import FORMAT_VERSION, ensure_digits
 from repro.recipe import load_recipe
 
 pytestmark = [
@@ -231,6 +231,31 @@ def test_digits_are_built_once_and_reused(digits):
     assert paths.train_beton.stat().st_mtime_ns == stamp  # reused, not rewritten
     assert json.loads(Path(f"{paths.train_beton}.json").read_text())["source"] == \
         str(paths.train_dir)
+
+
+BUILD_AND_READ = """
+import sys
+from repro.data.builtin import FORMAT_VERSION, ensure_digits
+p = ensure_digits(24, cache=sys.argv[1], with_beton=False)
+print(sum(1 for d in (p.train_dir, p.val_dir) for f in d.glob("*/*.png") if f.stat().st_size))
+"""
+
+
+def test_two_processes_starting_together_build_the_digits_once(tmp_path):
+    """The jobs of an array on a fresh machine: the later builder used to delete the set the
+    first had just finished, under a process already reading it."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_AND_READ, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["1797", "1797"]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == \
+        [f"digits-24px-v{FORMAT_VERSION}"]  # one set, no temporary directory left
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("fmt", ["ffcv", "folder"])

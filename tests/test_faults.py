@@ -220,10 +220,12 @@ def test_ctrl_c_stops_a_conversion_and_leaves_nothing(tmp_path):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    for c in ("a", "b"):  # noise compresses badly: a writer phase of a few seconds
+    # Noise compresses badly: a writer phase of ten seconds or so, long enough for this
+    # process to see it start on a loaded machine (it once took 2.5 s, and was missed).
+    for c in ("a", "b"):
         (tmp_path / "src" / c).mkdir(parents=True)
         for i in range(700):
-            Image.fromarray(rng.integers(0, 255, (160, 200, 3), dtype=np.uint8)).save(
+            Image.fromarray(rng.integers(0, 255, (320, 400, 3), dtype=np.uint8)).save(
                 tmp_path / "src" / c / f"{i}.jpg")
     shm_before = set(os.listdir("/dev/shm"))
     # A session of its own, as a terminal's job: SIGINT goes to its whole process group.

@@ -21,7 +21,7 @@ from repro.data import cache_dir
 
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
-FORMAT_VERSION = 1  # bump when the files written here change
+FORMAT_VERSION = 2  # bump when the files written here change (2: .beton name lists)
 
 
 @dataclass(frozen=True)
@@ -61,35 +61,46 @@ def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def ensure_digits(size: int = 32, cache: str | os.PathLike | None = None,
                   with_beton: bool | None = None) -> DigitsPaths:
-    """Build the set on first use (atomically: a temporary directory renamed at the end)."""
+    """Build the set on first use (atomically: a temporary directory renamed at the end).
+
+    Builders take turns (an exclusive lock beside the set): the processes of an array of jobs,
+    or the ranks of a run, that start on a fresh machine together build it once, and no builder
+    replaces a set that another process may already be reading."""
+    import fcntl
+
     from repro.data import ffcv_available
 
     with_beton = ffcv_available() if with_beton is None else with_beton
     root = Path(cache or cache_dir()) / f"digits-{size}px-v{FORMAT_VERSION}"
     paths = _paths(root)
-    if (root / "meta.json").exists() and (not with_beton or paths.train_beton.exists()):
+
+    def built() -> bool:
+        return (root / "meta.json").exists() and (not with_beton or paths.train_beton.exists())
+
+    if built():
         return paths
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write(_paths(tmp), size, with_beton)
-        if root.exists():  # an earlier build without .beton files, or a concurrent builder
-            shutil.rmtree(root, ignore_errors=True)
-        os.replace(tmp, root)
-        if with_beton:  # the conversion records name the temporary directory: point them home
-            from repro.data.beton import read_sidecar, sidecar_path
-            from repro.io import atomic_write_json
-
-            for split_dir, beton in ((paths.train_dir, paths.train_beton),
-                                     (paths.val_dir, paths.val_beton)):
-                atomic_write_json(sidecar_path(beton),
-                                  {**read_sidecar(beton), "source": str(split_dir)})
-    except OSError:
-        if not (root / "meta.json").exists():
-            raise
-    finally:
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if built():  # another process built it while this one waited
+            return paths
+        tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _write(_paths(tmp), size, with_beton)
+            if root.exists():  # an earlier build without .beton files
+                shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)
+            if with_beton:  # the conversion records name the temporary directory: point home
+                from repro.data.beton import read_sidecar, sidecar_path
+                from repro.io import atomic_write_json
+
+                for split_dir, beton in ((paths.train_dir, paths.train_beton),
+                                         (paths.val_dir, paths.val_beton)):
+                    atomic_write_json(sidecar_path(beton),
+                                      {**read_sidecar(beton), "source": str(split_dir)})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return paths
 
 
