@@ -214,7 +214,8 @@ def cmd_report(args) -> int:
     plots = results.plot(runs, out.parent / "plots", rel_to=out.parent)
     command = "repro report " + " ".join(map(str, paths)) + (
         f" --paper {args.paper}" if args.paper else "") + f" --out {args.out}"
-    atomic_write_text(out, results.render(runs, paper=args.paper, command=command, plots=plots))
+    atomic_write_text(out, results.render(runs, paper=args.paper, command=command, plots=plots,
+                                          released=results.load_released(paths)))
     print(f"{len(runs)} run(s) -> {out} (plots in {out.parent / 'plots'})")
     return _rerender(out.parent)
 

@@ -32,6 +32,14 @@ from repro.io import atomic_write_json, atomic_write_text
 RESULTS_SCHEMA = 2  # 2: `seed` recorded (runs of schema 1 read it from recipe.yaml)
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MARKERS = ("results.json", "launch.json", "slurm.json")  # any of them makes a run directory
+# A paper's released weights evaluated here (`repro eval --row`): <output_dir>/_released/
+# <paper>/<row>/eval.json, kept apart from runs (it holds none of the markers).
+RELEASED = "_released"
+
+
+def released_dir(output_dir: str | os.PathLike, row_id: str) -> Path:
+    paper, _, row = row_id.partition("/")
+    return Path(output_dir) / RELEASED / paper / row
 
 
 class RunError(UserError, ValueError):

@@ -48,8 +48,11 @@ def fixture_runs(tmp_path) -> Path:
              params_m=25.04)
     make_run(root, "levit_256", "levit/LeViT-256", 0, 78.0, epochs=(500, 1000),
              status="incomplete", gmacs=1.13, params_m=18.89)
-    make_run(root, "cvt_13", "cvt/CvT-13", 0, 81.9, epochs=(300, 300), canonical=False,
-             overrides=("optim.lr",), gmacs=4.57, params_m=20.0)
+    cvt = make_run(root, "cvt_13", "cvt/CvT-13", 0, 81.9, epochs=(300, 300), canonical=False,
+                   overrides=("optim.lr",), gmacs=4.57, params_m=20.0)
+    # `repro eval RUN --real-labels --v2`: the ReaL and V2 columns (CvT's table gives both).
+    (cvt / "eval.json").write_text(json.dumps({"eval/top1": 81.9, "eval/real_top1": 86.95,
+                                               "eval/v2_top1": 70.12}))
     make_run(root, "earlyconv_vitb_patch", "earlyconv/ViT_P-18GF", 0, 84.0, smoke=True,
              canonical=False, epochs=(0, 400), status="incomplete")
     make_run(root, "quickstart", None, 0, 98.3, epochs=(40, 40), ema=98.6, gmacs=0.028,
@@ -58,12 +61,18 @@ def fixture_runs(tmp_path) -> Path:
 
 
 def verdicts(md: str) -> dict[str, str]:
-    out = {}
+    """Row label -> verdict, from every paper table (their columns differ: ReaL and V2 where
+    the paper gives them), read by each table's own header."""
+    out, head = {}, None
     for line in md.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == len(results.HEAD) and cells[0] not in ("row [recipe]",) \
-                and not set(cells[0]) <= {"-", ":"}:
-            out[cells[0]] = cells[results.HEAD.index("verdict")]
+        if not line.startswith("|"):
+            head = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if head is None:
+            head = cells
+        elif not set(cells[0]) <= {"-", ":"} and "verdict" in head and head[0] == "row [recipe]":
+            out[cells[0]] = cells[head.index("verdict")]
     return out
 
 

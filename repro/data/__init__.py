@@ -46,6 +46,9 @@ class Loaders:
     # From the schema (repro.recipe.path_report), filled in by build_loaders:
     not_applied: list[str] = field(default_factory=list)  # recipe keys this path cannot apply
     deviations: list[str] = field(default_factory=list)  # applied differently, and how
+    # The validation images' names in dataset order (relative to the folder, or as the .beton's
+    # conversion listed them; None when it did not): ImageNet-ReaL's labels follow them.
+    val_files: list[str] | None = None
 
 
 def resolve_paths(recipe) -> tuple[str, str]:

@@ -61,6 +61,19 @@ def read_sidecar(beton: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def files_path(beton: str | os.PathLike) -> Path:
+    """Where the names of a .beton's images are listed, one per line in the file's order:
+    `<file>.files.txt` (ImageNet-ReaL's labels follow the validation images' names)."""
+    return Path(f"{beton}.files.txt")
+
+
+def file_names(beton: str | os.PathLike) -> list[str] | None:
+    """The images' names (relative to the converted folder) in the .beton's order, if its
+    conversion listed them."""
+    path = files_path(beton)
+    return path.read_text().splitlines() if path.exists() else None
+
+
 def digest(path: str | os.PathLike) -> str:
     """sha256 of a file, read in 8 MiB blocks."""
     h = hashlib.sha256()

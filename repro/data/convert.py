@@ -34,6 +34,7 @@ from repro.data import DataError, release
 from repro.data.beton import (
     default_name,
     digest,
+    files_path,
     protocol,
     protocol_name,
     read_sidecar,
@@ -41,7 +42,7 @@ from repro.data.beton import (
 )
 from repro.data.ffcv import import_ffcv
 from repro.data.tree import flat_images
-from repro.io import atomic_write_json
+from repro.io import atomic_write_json, atomic_write_text
 
 DEFAULTS = {"max_res": 500, "quality": 90, "compress_prob": 0.5}
 
@@ -257,6 +258,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
              RGBImageField(write_mode="proportion", max_resolution=max_res,
                            jpeg_quality=quality, compress_probability=compress_prob))
     fields = {"image": image, "label": IntField()}
+    had_list = files_path(dst).exists()
     try:
         _write_stoppably(tmp, fields, workers, _ImageFolderRGB(good, transform))
         record = {
@@ -273,14 +275,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, max_res: int | No
             | {"ffcv": importlib.metadata.version("ffcv")},  # the installed distribution
             "eval_protocol": protocol(*eval_protocol) if eval_protocol else None,
             "holdout": split,  # how a release without a validation split was split
+            "files": files_path(dst).name,  # the images' names, in this file's order
             "skipped_count": len(skipped),
             "skipped": skipped,
             "size": tmp.stat().st_size,  # checked on every open (repro.data.beton.verify)
             "sha256": digest(tmp),  # checked on first use and by `repro data check`
         }
+        atomic_write_text(files_path(dst),
+                          "".join(f"{os.path.relpath(p, src)}\n" for p, _ in good))
         atomic_write_json(sidecar_path(dst), record)
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if not had_list:  # a name list written for a .beton that never arrived
+            files_path(dst).unlink(missing_ok=True)
         raise
     return record

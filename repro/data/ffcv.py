@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from repro.data import DataError, Loaders
-from repro.data.beton import eval_protocol_of, protocol, read_sidecar, verify
+from repro.data.beton import eval_protocol_of, file_names, protocol, read_sidecar, verify
 
 _PATCHED = False
 
@@ -262,7 +262,7 @@ def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch
     side = read_sidecar(train_path) or {}
     num_classes = side.get("num_classes") or recipe.model.num_classes
     return Loaders(train, val, "ffcv", train_path, val_path, num_classes, n_train, n_val,
-                   exact_eval=have is not None)
+                   exact_eval=have is not None, val_files=file_names(val_path))
 
 
 def _show(p: dict) -> str:

@@ -12,6 +12,7 @@ number of workers and wherever a run was interrupted.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -209,4 +210,5 @@ def build(recipe, train_path: str, val_path: str, *, batch_size: int, eval_batch
     val = FolderVal(DataLoader(shard, eval_batch_size, shuffle=False, num_workers=workers,
                                pin_memory=pin, generator=torch.Generator().manual_seed(seed)))
     return Loaders(train, val, "folder", train_path, val_path, len(train_ds.classes),
-                   len(train_ds), len(val_ds), exact_eval=True)
+                   len(train_ds), len(val_ds), exact_eval=True,
+                   val_files=[os.path.relpath(p, val_path) for p, _ in val_ds.samples])

@@ -54,6 +54,18 @@ def check_name(name: str) -> None:
     raise UnknownModel(f"unknown model {name!r} (not registered with timm){hint}")
 
 
+def official_layout(state: dict, model) -> tuple[dict, str] | None:
+    """`state` renamed for `model`, with a note, when it is named like an official release
+    that timm's port names differently (a family's `official_layout` hook: LeViT's); else
+    None. Raises ValueError naming a key of such a release that has no place in `model`."""
+    for f in FAMILIES:
+        hook = getattr(f, "official_layout", None)
+        found = hook(state, model) if hook is not None else None
+        if found is not None:
+            return found
+    return None
+
+
 def create(name: str, resolution: int, **kwargs):
     """timm model `name` for `resolution` px inputs.
 

@@ -48,6 +48,7 @@ def load_runs(paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
         on_gpu = bool(env.get("hardware", {}).get("gpus")) and "cuda" in str(r.get("device"))
         stages, earlier = chain(r)
         hours = _device_hours(r) + earlier
+        ev = run.json("eval.json")  # `repro eval RUN_DIR --real-labels ... --v2 ...`
         rows.append({
             "run": str(run.path), "recipe": r.get("recipe"), "row_id": r.get("paper_row"),
             "chain": " → ".join([*stages, r.get("recipe") or "?"]) if stages else "",
@@ -56,6 +57,7 @@ def load_runs(paths: list[Path]) -> tuple[pd.DataFrame, list[str]]:
             "smoke": bool(r.get("smoke")), "overrides": tuple(r.get("non_canonical_keys", [])),
             "top1": r.get("final/eval/top1"), "top5": r.get("final/eval/top5"),
             "ema_top1": r.get("final/eval_ema/top1"), "params_m": r.get("params_m"),
+            "real_top1": ev.get("eval/real_top1"), "v2_top1": ev.get("eval/v2_top1"),
             "gmacs": r.get("gmacs"), "resolution": r.get("resolution"),
             "epochs_done": r.get("epochs_done"), "epochs_planned": r.get("epochs_planned"),
             "images_per_s": speed[-1] if speed else None, "device": r.get("device"),
@@ -117,7 +119,8 @@ def _group(runs: pd.DataFrame) -> pd.DataFrame:
     out = pd.concat([p for p in parts if not p.empty]).groupby(
         GROUP + ["complete"], dropna=False, sort=True).agg(
         n=("run", "count"), top1=("top1", "mean"), top1_std=("top1", "std"),
-        ema_top1=("ema_top1", "mean"), params_m=("params_m", "first"),
+        ema_top1=("ema_top1", "mean"), real_top1=("real_top1", "mean"),
+        v2_top1=("v2_top1", "mean"), params_m=("params_m", "first"),
         gmacs=("gmacs", "first"), resolution=("resolution", "first"), chain=("chain", "first"),
         epochs_done=("epochs_done", "max"), epochs_planned=("epochs_planned", "max"),
         images_per_s=("images_per_s", "median"),
@@ -126,8 +129,8 @@ def _group(runs: pd.DataFrame) -> pd.DataFrame:
     out = out.merge(repeats.reset_index(), on=GROUP, how="left").fillna({"repeats": 0})
     out = out.merge(shown.reset_index(), on=GROUP, how="left") if not shown.empty else \
         out.assign(shown=None)
-    out.loc[~out["complete"], ["top1", "top1_std", "ema_top1", "repeats"]] = [
-        math.nan, math.nan, math.nan, 0]
+    out.loc[~out["complete"], ["top1", "top1_std", "ema_top1", "real_top1", "v2_top1",
+                               "repeats"]] = [math.nan, math.nan, math.nan, math.nan, math.nan, 0]
     return out.sort_values(GROUP + ["complete"], ascending=[True] * 5 + [False],
                            ignore_index=True)
 
@@ -174,10 +177,17 @@ def _hours(e: dict) -> str:
     return f"{e['cpu_hours']:.3f} CPU-h{stages}" if e.get("cpu_hours") else "–"
 
 
-def paper_table(key: str, measured: pd.DataFrame) -> list[list]:
-    """Rows of one paper's section: every row of its table (baselines left out)."""
+def has_real_v2(rows: pd.DataFrame) -> bool:
+    """Whether a paper's table gives ImageNet-ReaL or ImageNetV2 top-1 (LeViT, CvT)."""
+    return bool(rows["top1_real"].notna().any() or rows["top1_v2"].notna().any())
+
+
+def paper_table(key: str, measured: pd.DataFrame) -> tuple[list[str], list[list]]:
+    """Header and rows of one paper's section: every row of its table (baselines left out);
+    ReaL and V2 columns where the paper gives those numbers."""
     rows = papers.load_rows(key)
     rows = rows[~rows["baseline"].astype(bool)]
+    extra = has_real_v2(rows)
     body = []
     for r in rows.itertuples(index=False):
         entries = [e for e in measured.to_dict("records") if e["row_id"] == r.id] \
@@ -190,40 +200,114 @@ def paper_table(key: str, measured: pd.DataFrame) -> list[list]:
                              + (", smoke" if e["smoke"] else "")
                              + (f", {', '.join(e['overrides'])}" if e["overrides"] and
                                 not e["smoke"] else "") + "]")
+            real_v2 = [_fmt(r.top1_real, 1), "–" if e is None else _fmt(e.get("real_top1")),
+                       _fmt(r.top1_v2, 1), "–" if e is None else _fmt(e.get("v2_top1"))] \
+                if extra else []
             if e is None:
                 if r.not_reproducible:
                     v = f"not reproducible: {r.not_reproducible}"
-                body.append([label, _fmt(paper_top1, 1), "not run", "–", _fmt(r.params_m, 1),
-                             "–", _fmt(r.gmacs, 2), "–", "–", "–", "–", "–", v, r.source])
+                body.append([label, _fmt(paper_top1, 1), "not run", "–", *real_v2,
+                             _fmt(r.params_m, 1), "–", _fmt(r.gmacs, 2), "–", "–", "–", "–",
+                             "–", v, r.source])
                 continue
             # A smoke run (4 steps on digits at 64 px) measures plumbing, not the paper: no Δ.
             delta = None if paper_top1 is None or _nan(e["top1"]) or e["smoke"] \
                 else e["top1"] - paper_top1
             body.append([label, _fmt(paper_top1, 1), _measured(e),
-                         "–" if delta is None else f"{delta:+.2f}", _fmt(r.params_m, 1),
-                         _fmt(e["params_m"], 1), _fmt(r.gmacs, 2), _fmt(e["gmacs"], 2),
-                         _fmt(e["images_per_s"], 0),
+                         "–" if delta is None else f"{delta:+.2f}", *real_v2,
+                         _fmt(r.params_m, 1), _fmt(e["params_m"], 1), _fmt(r.gmacs, 2),
+                         _fmt(e["gmacs"], 2), _fmt(e["images_per_s"], 0),
                          f"{e['epochs_done']}/{e['epochs_planned']}", _hours(e),
                          "yes" if e["canonical"] and not e["smoke"] else "no", v, r.source])
-    return body
+    head = HEAD[:4] + (REAL_V2_HEAD if extra else []) + HEAD[4:]
+    return head, body
 
 
 HEAD = ["row [recipe]", "paper top-1", "measured top-1", "Δ", "params paper (M)",
         "params measured", "GMACs paper", "GMACs measured", "img/s (train)", "epochs",
         "compute", "canonical", "verdict", "source"]
+REAL_V2_HEAD = ["ReaL paper", "ReaL measured", "V2 paper", "V2 measured"]
+
+
+# ------------------------------------------------------------------------------------------
+# Released weights: `repro eval --row PAPER/ROW --checkpoint FILE` records, kept apart from
+# trained runs (see repro.train.evaluate).
+
+RELEASED_HEAD = ["row", "paper top-1", "released top-1", "Δ", "paper ReaL", "released ReaL",
+                 "Δ ReaL", "paper V2", "released V2", "Δ V2", "verdict", "weights (sha256)",
+                 "source", "paper source"]
+
+
+def load_released(paths: list[Path]) -> dict[str, dict]:
+    """Row id -> the latest record of its released weights, from <path>/_released/*/*/."""
+    found: dict[str, dict] = {}
+    for p in paths:
+        p = Path(p)
+        for f in sorted((p / rundir.RELEASED).glob("*/*/eval.json")) if p.is_dir() else []:
+            record = rundir.Run(f.parent).json("eval.json")
+            row = (record.get("released") or {}).get("row")
+            if row and (row not in found or record.get("date", "") >= found[row].get("date", "")):
+                found[row] = record
+    return found
+
+
+def released_verdict(record: dict | None, paper_top1, tol: float) -> str:
+    if record is None:
+        return "not evaluated"
+    if paper_top1 is None or _nan(record.get("eval/top1")):
+        return "no paper number"
+    delta = record["eval/top1"] - paper_top1
+    if abs(delta) <= tol:
+        return "matches the paper"
+    return "below the paper" if delta < 0 else "above the paper"
+
+
+def _delta(measured, paper) -> str:
+    return "–" if _nan(measured) or _nan(paper) else f"{measured - paper:+.2f}"
+
+
+def released_table(key: str, released: dict[str, dict]) -> list[list]:
+    rows = papers.load_rows(key)
+    rows = rows[~rows["baseline"].astype(bool) & rows["top1"].notna()]
+    body = []
+    for r in rows.itertuples(index=False):
+        rec = released.get(r.id)
+        tol = TOP1_TOL if _nan(r.top1_tol) else float(r.top1_tol)
+        got = rec or {}
+        top1, real, v2 = (got.get(k) for k in ("eval/top1", "eval/real_top1", "eval/v2_top1"))
+        weights = got.get("released", {})
+        body.append([r.row, _fmt(r.top1, 1), _fmt(top1), _delta(top1, r.top1),
+                     _fmt(r.top1_real, 1), _fmt(real), _delta(real, r.top1_real),
+                     _fmt(r.top1_v2, 1), _fmt(v2), _delta(v2, r.top1_v2),
+                     released_verdict(rec, float(r.top1), tol),
+                     f"`{weights['sha256'][:16]}…` ({weights.get('file')})" if rec else "–",
+                     (weights.get("source") or "not given") if rec else "–", r.source])
+    return body
 
 
 def render(runs: pd.DataFrame, *, paper: str | None = None, command: str = "repro report",
-           plots: dict[str, str] | None = None) -> str:
+           plots: dict[str, str] | None = None, released: dict[str, dict] | None = None) -> str:
     """The whole markdown report."""
     measured = _group(runs)
+    keys = [paper] if paper else papers.paper_keys()
     out = [HEADER.format(command=command, tol=TOP1_TOL)]
     out.append(f"{len(runs)} run(s) read.")
-    for key in [paper] if paper else papers.paper_keys():
+    for key in keys:
         info = papers.paper_info(key)
+        head, body = paper_table(key, measured)
         out += ["", f"## {info['title']} ({info['arxiv']})", "",
-                tabulate(paper_table(key, measured), HEAD, tablefmt="github",
-                         disable_numparse=True)]
+                tabulate(body, head, tablefmt="github", disable_numparse=True)]
+    out += ["", "## Released weights", "",
+            "The authors' own weights evaluated here with each row's protocol (`repro eval --row "
+            "PAPER/ROW --checkpoint FILE`, records under `runs/_released/`), apart from trained "
+            "runs: how far a paper is from its own release, beside how far a training run is "
+            f"from both. Verdict within {TOP1_TOL} points (or the row's tolerance) of the "
+            "paper's top-1. ReaL: ImageNet-ReaL labels; V2: ImageNetV2 matched-frequency.", ""]
+    for key in keys:
+        out += [f"### {papers.paper_info(key)['title']}", "",
+                tabulate(released_table(key, released or {}), RELEASED_HEAD,
+                         tablefmt="github", disable_numparse=True), ""]
+    out.pop()
     other = measured[measured["row_id"] == ""] if not measured.empty else measured
     if not other.empty:
         body = [[e["recipe"], _measured(e), _fmt(e["ema_top1"]), _fmt(e["params_m"], 2),

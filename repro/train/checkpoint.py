@@ -123,8 +123,8 @@ class WeightsError(UserError, ValueError):
 
 
 # Where a checkpoint file keeps its weights, in the order they are looked for.
-MODEL_KEYS = ("model", "state_dict")  # ours, DeiT/LeViT official; timm's train script
-EMA_KEYS = ("ema", "state_dict_ema", "model_ema")  # ours (ModelEmaV3); timm; DeiT
+MODEL_KEYS = ("model", "state_dict", "model_state")  # ours, DeiT/LeViT; timm's train; pycls
+EMA_KEYS = ("ema", "state_dict_ema", "model_ema", "ema_state")  # ours; timm; DeiT; pycls
 # Prefixes that wrappers add to every key: DDP and ModelEma (`module.`), torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SHOW_KEYS = 3  # keys named in a mismatch error
@@ -223,22 +223,19 @@ def load_strict(model: torch.nn.Module, state: dict, *, path, what: str = "model
     """Load `state` into `model` with every key and shape matching, else one WeightsError line.
 
     When keys differ, the model family's timm `checkpoint_filter_fn` (e.g. LeViT's, which drops
-    the official files' `attention_bias_idxs`) is tried before giving up. Returns the notes of
-    any mapping applied.
+    the official files' `attention_bias_idxs`) is tried, then the suite's renaming of official
+    releases that timm names differently (`repro.models.official_layout`: LeViT's), before
+    giving up. Returns the notes of any mapping applied.
     """
     expected = model.state_dict()
     notes: list[str] = []
     if problems(expected, state):
-        module = sys.modules.get(type(model).__module__)
-        filter_fn = getattr(module, "checkpoint_filter_fn", None)
-        if filter_fn is not None:
-            try:
-                filtered = filter_fn(dict(state), model)
-            except Exception:  # a filter that cannot read these keys: report the original
-                filtered = None
-            if isinstance(filtered, dict) and not problems(expected, filtered):
-                state = filtered
-                notes.append(f"{module.__name__}.checkpoint_filter_fn")
+        for note, rename in _renamings(model, path, what):
+            renamed = rename(dict(state))
+            if renamed is not None and not problems(expected, renamed[0]):
+                state = renamed[0]
+                notes.append(renamed[1] or note)
+                break
     mismatch = problems(expected, state)
     if mismatch:
         raise WeightsError(path, f"{what} weights do not match model "
@@ -250,6 +247,31 @@ def load_strict(model: torch.nn.Module, state: dict, *, path, what: str = "model
         notes.append(f"{len(absent)} num_batches_tracked buffers absent, kept at their defaults")
     model.load_state_dict(state, strict=True)
     return notes
+
+
+def _renamings(model: torch.nn.Module, path, what: str):
+    """(note, rename) pairs to try in turn; rename(state) gives (state, note or None) or None."""
+    module = sys.modules.get(type(model).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        def timm_filter(state):
+            try:
+                out = filter_fn(state, model)
+            except Exception:  # a filter that cannot read these keys: report the original
+                return None
+            return (out, None) if isinstance(out, dict) else None
+
+        yield f"{module.__name__}.checkpoint_filter_fn", timm_filter
+
+    def official(state):
+        from repro.models import official_layout
+
+        try:
+            return official_layout(state, model)
+        except ValueError as e:  # an official release with a key the mapping cannot place
+            raise WeightsError(path, f"{what} weights: {e}") from None
+
+    yield "official names", official
 
 
 def problems(expected: dict, state: dict) -> str:

@@ -162,8 +162,10 @@ def _window_metrics(window: dict, optimizer) -> dict:
 
 @torch.no_grad()
 def evaluate(model, batches, env: DistEnv, *, amp: str = "none",
-             channels_last: bool = False) -> dict:
-    """Top-1/top-5 and loss over this rank's shard, summed over ranks (exact counts)."""
+             channels_last: bool = False, predictions: list | None = None) -> dict:
+    """Top-1/top-5 and loss over this rank's shard, summed over ranks (exact counts).
+    `predictions`, when given, receives this rank's top-5 class indices, batch by batch in
+    the shard's order (for label sets that are not one class an image: ImageNet-ReaL)."""
     model.eval()
     cfg = StepConfig(env=env, accum_steps=1, channels_last=channels_last)
     correct1 = correct5 = loss_sum = 0.0
@@ -177,6 +179,8 @@ def evaluate(model, batches, env: DistEnv, *, amp: str = "none",
         out = out.float()
         loss_sum += torch.nn.functional.cross_entropy(out, y, reduction="sum").item()
         top5 = out.topk(min(5, out.shape[1]), dim=1).indices
+        if predictions is not None:
+            predictions.append(top5.cpu())
         correct1 += (top5[:, 0] == y).sum().item()
         correct5 += (top5 == y[:, None]).any(dim=1).sum().item()
         count += y.numel()

@@ -416,12 +416,16 @@ def complexity(recipe: Recipe, num_classes: int, model: torch.nn.Module) -> dict
                 "error": f"{type(e).__name__}: {e}"}
 
 
-def evaluate_all(model, ema, loaders, env, t) -> dict:
+def evaluate_all(model, ema, loaders, env, t, predictions: dict | None = None) -> dict:
+    """Raw and EMA evaluation; `predictions`, when given, receives each one's top-5 classes
+    (this rank's, in its shard's order) under its prefix."""
     out = {}
     for prefix, m in (("eval", model), ("eval_ema", ema.module if ema is not None else None)):
         if m is None:
             continue
-        r = evaluate(m, loaders.val, env, amp=t.amp, channels_last=t.channels_last)
+        kept = predictions.setdefault(prefix, []) if predictions is not None else None
+        r = evaluate(m, loaders.val, env, amp=t.amp, channels_last=t.channels_last,
+                     predictions=kept)
         out.update({f"{prefix}/{k}": v for k, v in r.items() if k != "count"})
         out[f"{prefix}/count"] = r["count"]
     return out
