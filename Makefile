@@ -20,13 +20,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Two workers; the dev-Slurm tests share one (tests/conftest.py). PYTEST_ARGS= runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: help install system-packages quickstart test lint clean
+.PHONY: help install system-packages quickstart test lint clean smoke-recipes gpu-check
 
 help:
 	@echo "make quickstart   install everything, then run the main job"
 	@echo "make test         install everything, then run the tests (pytest)"
 	@echo "make lint         ruff check, and lint-imports (the layers in pyproject.toml)"
 	@echo "make smoke-recipes  the --smoke of every recipe, chains stage by stage (~15 min)"
+	@echo "make gpu-check    the whole GPU path on one CUDA GPU (~8 min): reports/gpu_check.md"
 
 install: system-packages $(VENV)/.installed
 
@@ -63,6 +64,11 @@ test: install
 # The --smoke of every recipe, each stage of a chain in turn (CI runs one of each kind).
 smoke-recipes: install
 	$(BIN)/python -m pytest tests/test_recipe_smoke.py -m "every_recipe or not every_recipe"
+
+# One prepared command for the day a GPU is at hand (benchmarks/gpu_check.py; exit 3 without
+# CUDA, writing nothing).
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 lint: install
 	$(BIN)/ruff check repro tests

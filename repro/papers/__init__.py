@@ -21,6 +21,7 @@ from repro.errors import UserError
 __all__ = [
     "PAPERS_DIR",
     "PaperTableError",
+    "anchor_speeds",
     "get_row",
     "load_paper",
     "load_rows",
@@ -158,6 +159,27 @@ def paper_info(key: str, directory: str | Path | None = None) -> dict[str, Any]:
     """A paper's header fields (title, authors, arXiv id, code, units, caveats) for reports."""
     paper = load_paper(key, directory)
     return {k: v for k, v in paper.items() if k not in ("rows", "omitted")}
+
+
+def anchor_speeds(directory: str | Path | None = None) -> dict[str, Any]:
+    """timm's own GPU inference figures (anchors/timm_benchmarks.yaml), context for speeds
+    measured here; a paper's own figures stay in its table. Returns the file's `source` and,
+    per device key (`rtx4090`, `rtx3090`), its `device`, `file`, `settings` and
+    `models: {timm name: {images_per_s, batch, params_m, gmacs}}`."""
+    path = _dir(directory) / "anchors" / "timm_benchmarks.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    name = f"anchors/{path.name}"
+    if not isinstance(data, dict) or not data.get("source") or not data.get("devices"):
+        _fail(name, "needs a 'source' and 'devices'")
+    for key, dev in data["devices"].items():
+        for field_ in ("device", "file", "settings", "models"):
+            if not dev.get(field_):
+                _fail(f"{name}: devices.{key}", f"missing {field_!r}")
+        for model, fig in dev["models"].items():
+            if not (_is_number(fig.get("images_per_s")) and _is_int(fig.get("batch"))):
+                _fail(f"{name}: devices.{key}.models.{model}",
+                      "needs images_per_s (number) and batch (integer)")
+    return data
 
 
 def _load_validated(path: Path) -> dict[str, Any]:

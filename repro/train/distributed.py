@@ -21,11 +21,13 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: str | None  # None when not distributed
+    backend: str | None  # None when there is no process group
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group exists (DDP wraps the model, collectives run): more than one
+        process, or one process set up with `group=True`."""
+        return self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -41,13 +43,15 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def setup(device_preference: str = "auto") -> DistEnv:
-    """Initialise the process group if WORLD_SIZE > 1; a single process needs nothing."""
+def setup(device_preference: str = "auto", group: bool = False) -> DistEnv:
+    """Initialise the process group if WORLD_SIZE > 1; a single process needs none, unless
+    `group` asks for one anyway (benchmarks/gpu_check.py runs NCCL and DDP on one GPU; the
+    rendezvous is MASTER_ADDR / MASTER_PORT, as for more processes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     device = pick_device(device_preference, local)
-    if world == 1:
+    if world == 1 and not group:
         return DistEnv(0, 1, 0, device, None)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

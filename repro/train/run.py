@@ -115,6 +115,11 @@ def build(recipe: Recipe, env, *, smoke: bool, load_parent: bool = True) -> Setu
         except models.UnknownModel as e:
             raise RecipeError(recipe.path, key, str(e)) from None
     seed_everything(t.seed, env.rank)
+    if env.device.type == "cuda":
+        # cuDNN picks its fastest kernels for each shape, as all four official codes do:
+        # LeViT main.py@3772b8e line 202, CvT lib/config/default.py@f851e68 and pycls
+        # core/config.py (CUDNN.BENCHMARK: True), timm train.py.
+        torch.backends.cudnn.benchmark = True
     probe = derive(recipe, env.world_size, train_images=1 << 40)  # batch split only
     loaders = build_loaders(recipe, batch_size=probe.micro_batch, rank=env.rank,
                             world_size=env.world_size, device=str(env.device), seed=t.seed)
