@@ -28,8 +28,11 @@ Writes `reports/gpu_check.md` and the raw record beside it (`reports/gpu_check.j
    tail the recipes use.
 
 Without a CUDA device it prints one line and exits with status 3, writing nothing.
-`--device cpu --tiny` runs the same code at tiny sizes on the CPU (gloo instead of NCCL;
-tests/test_gpu_check.py runs it, so the script's logic is exercised in CI). Its figures are not
+`--device cpu --tiny` runs the same code at tiny sizes on the CPU (gloo instead of NCCL, and
+torch.compile's eager backend: Dynamo captures the graphs, DDP's included, but no code is
+generated, since inductor's C++ build takes minutes per model on two cores; `--compile-backend
+aot_eager` also traces the backward). tests/test_gpu_check.py runs it, so the script's logic is
+exercised in CI. Its figures are not
 GPU measurements, and it never writes to reports/ unless told to with --out.
 
 Exit status: 0 when every part ran and every loss stayed finite, 1 otherwise (the report still
@@ -67,6 +70,7 @@ ANCHOR_ROW = "LeViT-256"
 # evaluation shape (a last, smaller batch would compile a second graph).
 EVAL_BATCH = 120
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+KEPT_LOADERS: list = []
 
 
 @dataclass(frozen=True)
@@ -85,14 +89,15 @@ class Sizes:
     aug_res: int
     aug_calls: int
     peak_n: int | None  # matmul side for the MFU denominator (None: repro.measure's)
+    compile_backend: str  # inductor on the GPU; eager with --tiny (C++ codegen takes minutes)
 
 
 FULL = Sizes(steps=30, res=None, batch=None, bench_res=None, bench_batch=None,
              bench_warmup_s=3.0, bench_window_s=2.0, bench_repeats=3, aug_batch=256,
-             aug_res=224, aug_calls=10, peak_n=None)
-TINY = Sizes(steps=6, res=64, batch=16, bench_res=64, bench_batch=2, bench_warmup_s=0.2,
+             aug_res=224, aug_calls=10, peak_n=None, compile_backend="inductor")
+TINY = Sizes(steps=4, res=32, batch=8, bench_res=64, bench_batch=2, bench_warmup_s=0.2,
              bench_window_s=0.2, bench_repeats=2, aug_batch=16, aug_res=64, aug_calls=3,
-             peak_n=256)
+             peak_n=256, compile_backend="eager")
 
 
 class CheckError(Exception):
@@ -104,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda (the check), or cpu with --tiny (the script's own test)")
     p.add_argument("--tiny", action="store_true",
-                   help="tiny sizes (64 px, batch 16, 6 steps; short timing windows)")
+                   help="tiny sizes (32 px, batch 8, 4 steps; short timing windows)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"markdown report; its JSON is written beside it (default "
                    f"{DEFAULT_OUT.relative_to(ROOT)}; with --tiny {TINY_OUT.relative_to(ROOT)})")
@@ -113,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--families", default=",".join(f for f, _ in FAMILIES),
                    help="comma-separated family rows of part 1 (default: all four)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per family")
+    p.add_argument("--compile-backend", choices=("inductor", "aot_eager", "eager"),
+                   default=None, help="torch.compile backend of part 1 (default: inductor; "
+                   "--tiny: eager)")
     return p.parse_args(argv)
 
 
@@ -167,6 +175,7 @@ def family_recipe(label: str, path: str, sizes: Sizes, device: str):
         f"eval.batch_size={EVAL_BATCH}", "train.max_steps=null", "train.log_every_steps=1",
         f"data.workers={max(1, min(8, len(os.sched_getaffinity(0))))}",
         "train.amp=bf16", "train.channels_last=true", "train.compile=true",
+        f"train.compile_backend={sizes.compile_backend}",
         f"train.device={device}",
     ]
     recipe = load_recipe(ROOT / path, overrides)
@@ -194,7 +203,8 @@ def train_family(label: str, path: str, sizes: Sizes, env, steps: int, peak: dic
            "accum_steps": d.accum_steps, "lr": d.lr, "world_size": env.world_size,
            "backend": env.backend, "ddp": env.distributed, "amp": recipe.train.amp,
            "channels_last": recipe.train.channels_last, "compile": recipe.train.compile,
-           "data_format": loaders.format, "augment": _tail_name(recipe),
+           "compile_backend": recipe.train.compile_backend, "data_format": loaders.format,
+           "augment": _tail_name(recipe),
            "device_augmentation": getattr(loaders.train, "augment", None) is not None,
            "teacher": recipe.distill.teacher, "teacher_note": setup.teacher_note,
            "not_applied": loaders.not_applied, "deviations": loaders.deviations,
@@ -239,6 +249,9 @@ def train_family(label: str, path: str, sizes: Sizes, env, steps: int, peak: dic
         import resource
 
         rec["memory/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # FFCV's compiled pipelines stay alive to the end: numba's finalizer raises (and prints)
+    # a KeyError when one is collected mid-process. The model, optimizer and EMA go now.
+    KEPT_LOADERS.append(setup.loaders)
     del setup
     _release(cuda)
     return rec
@@ -466,7 +479,8 @@ def _render_train(fams: list[dict], peak: dict | None) -> list[str]:
         lines += [
             f"Each family's recipe, built by `repro.train.run.build` and stepped by "
             f"`train_one_epoch`: amp {f['amp']}, channels_last {f['channels_last']}, "
-            f"torch.compile {f['compile']}, a one-process {f['backend']} group (DDP "
+            f"torch.compile {f['compile']} ({f['compile_backend']}), a one-process "
+            f"{f['backend']} group (DDP "
             f"{'on' if f['ddp'] else 'off'}), the built-in digits through the "
             f"{f['data_format']} pipeline with the recipe's augmentation on the training device. "
             "Each row's batch is the recipe's per-GPU micro-batch (global batch over "
@@ -515,7 +529,8 @@ def _render_bench(b: dict) -> list[str]:
     rec = b["record"]
     s = rec["settings"]
     lines = ["## 2. Inference under the LeViT protocol", "",
-             f"`repro bench --protocol levit --device {s['device']}`: {s['dtype']}, BatchNorm "
+             f"`repro bench --protocol levit --device {s['device']}`: "
+             f"{'AMP ' + s['amp'] if s['amp'] else 'fp32'}, BatchNorm "
              f"fused, eager. " + " ".join(n.rstrip(".") + "." for n in s["notes"]), ""]
     head = ["row (timm model)", "batch", "img/s here (min–max)", "paper V100", "here / V100",
             f"/ {ANCHOR_ROW} here", f"/ {ANCHOR_ROW} paper", "timm RTX 4090", "timm RTX 3090",
@@ -614,6 +629,8 @@ def main(argv=None) -> int:
             raise CheckError(f"--families: unknown {', '.join(unknown)} ({', '.join(known)})")
         sizes = TINY if args.tiny else FULL
         steps = args.steps or sizes.steps
+        if args.compile_backend:
+            sizes = replace(sizes, compile_backend=args.compile_backend)
         if steps < 3:
             raise CheckError("--steps must be at least 3 (a compile step and steady steps)")
         out = (args.out or (TINY_OUT if args.tiny else DEFAULT_OUT)).resolve()
@@ -672,9 +689,10 @@ def main(argv=None) -> int:
     rep["total_s"] = time.perf_counter() - t_start
     failed = [f["row"] for f in rep.get("train", []) if "error" in f or not f["loss_finite"]]
     rep["ok"] = not rep["errors"] and not failed
+    text = render(rep)  # before anything is written: both files or neither
     atomic_write_json(out.with_suffix(".json"), rep)
-    atomic_write_text(out, render(rep))
-    print(render(rep))
+    atomic_write_text(out, text)
+    print(text)
     print(f"wrote {out} and {out.with_suffix('.json').name} in {rep['total_s']:.0f} s"
           + ("" if rep["ok"] else f"; FAILED: {', '.join([*rep['errors'], *failed])}"))
     return 0 if rep["ok"] else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -209,6 +210,8 @@ def test_wrong_type_names_key(tmp_path, line, key, words):
     ("data: {mean: [0.5, 0.5]}", "data.mean", "exactly 3"),
     ("schedule: {epochs: 10, min_lr: 1.0e-5, min_lr_ratio: 0.01}", "schedule.min_lr_ratio",
      "not both"),
+    ("schedule: {epochs: 10, warmup_lr: 1.0e-5, warmup_lr_ratio: 0.1}",
+     "schedule.warmup_lr_ratio", "not both"),
     ("distill: {type: hard}", "distill.teacher", "no teacher"),
 ])
 def test_bad_value_names_key(tmp_path, line, key, words):
@@ -294,3 +297,23 @@ def test_schedule_lengths(tmp_path):
     assert d.min_lr == pytest.approx(1e-3 * 0.005)
     steps = load_recipe(path, ["schedule.warmup_steps=10000"])
     assert derive(steps, 1).warmup_steps == 10000
+
+
+def test_a_warm_up_ratio_follows_the_lr_as_pycls_warmup_factor_does():
+    """pycls starts warm-up at WARMUP_FACTOR x the lr (core/optimizer.py get_epoch_lr): at the
+    paper's batch 0.1 x 1e-3; at a batch that scales the lr down, the start scales with it (an
+    absolute start above the peak would warm *down*), and the scheduler starts there."""
+    from repro.models import create
+    from repro.train.optim import build_optimizer, build_scheduler
+
+    root = Path(__file__).resolve().parents[1]
+    paper = load_recipe(root / "recipes" / "earlyconv_vitb.yaml")
+    d = derive(paper, 16)
+    assert d.lr == pytest.approx(1e-3) and d.warmup_lr == pytest.approx(1e-4)
+    small = load_recipe(root / "recipes" / "earlyconv_vitt.yaml",
+                        ["train.global_batch=128", "data.batch_size=128"])
+    d = derive(small, 1)
+    assert d.lr == pytest.approx(1e-3 * 128 / 2048) and d.warmup_lr == pytest.approx(0.1 * d.lr)
+    opt = build_optimizer(create("vit_c_nano", 32, num_classes=10), small, d.lr)
+    build_scheduler(opt, small, d)
+    assert opt.param_groups[0]["lr"] == pytest.approx(d.warmup_lr)

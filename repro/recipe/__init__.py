@@ -78,6 +78,9 @@ def _cross_checks(r: Recipe, prov: dict, file):
 
     if r.schedule.min_lr is not None and r.schedule.min_lr_ratio is not None:
         raise err("schedule.min_lr_ratio", "set schedule.min_lr or schedule.min_lr_ratio, not both")
+    if r.schedule.warmup_lr_ratio is not None and "schedule.warmup_lr" in prov:
+        raise err("schedule.warmup_lr_ratio",
+                  "set schedule.warmup_lr or schedule.warmup_lr_ratio, not both")
     if r.distill.type != "none" and not r.distill.teacher:
         raise err("distill.teacher", f"distill.type is {r.distill.type!r} but no teacher is named")
     if r.data.dataset == "imagenet" and r.data.train_images is None:
@@ -162,6 +165,7 @@ class Derived:
     accum_steps: int  # forward/backward passes per optimizer step
     lr: float  # effective peak learning rate
     min_lr: float
+    warmup_lr: float  # the learning rate warm-up starts from
     steps_per_epoch: int | None
     total_steps: int | None  # of the full schedule (train.max_steps stops a run earlier)
     warmup_steps: int | None
@@ -188,6 +192,7 @@ def derive(recipe: Recipe, world_size: int, train_images: int | None = None) -> 
         lr = lr * gb / recipe.optim.lr_batch
     s = recipe.schedule
     min_lr = s.min_lr if s.min_lr is not None else lr * (s.min_lr_ratio or 0.0)
+    warmup_lr = s.warmup_lr if s.warmup_lr_ratio is None else lr * s.warmup_lr_ratio
     n = train_images or recipe.data.train_images
     if n and recipe.data.repeated_aug:
         n = n // 256 * 256  # RASampler's epoch (repro.data.order.repeated_aug_length)
@@ -200,4 +205,5 @@ def derive(recipe: Recipe, world_size: int, train_images: int | None = None) -> 
         warm = s.warmup_steps
     else:
         warm = round(s.warmup_epochs * steps) if steps else None
-    return Derived(world_size, gb, share, share // accum, accum, lr, min_lr, steps, total, warm)
+    return Derived(world_size, gb, share, share // accum, accum, lr, min_lr, warmup_lr, steps,
+                   total, warm)

@@ -159,7 +159,12 @@ class ScheduleCfg:
     warmup_steps: int | None = _f(
         None, "linear warm-up length in optimizer steps (overrides warmup_epochs)",
         check=non_negative)
-    warmup_lr: float = _f(1.0e-6, "learning rate at the start of warm-up", check=non_negative)
+    warmup_lr: float = _f(1.0e-6, "learning rate at the start of warm-up (absolute, as timm's "
+                          "warmup_lr)", check=non_negative)
+    warmup_lr_ratio: float | None = _f(
+        None, "learning rate at the start of warm-up as a fraction of the peak (pycls's "
+        "OPTIM.WARMUP_FACTOR: it follows the lr when the batch scales it); instead of warmup_lr",
+        check=fraction)
     min_lr: float | None = _f(None, "final learning rate (absolute)", check=non_negative)
     min_lr_ratio: float | None = _f(None, "final learning rate as a fraction of the peak",
                                     check=fraction)
@@ -185,6 +190,10 @@ class TrainCfg:
         sci=False)
     channels_last: bool = _f(False, "NHWC memory format; recorded in results", sci=False)
     compile: bool = _f(False, "torch.compile the model; recorded in results", sci=False)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = _f(
+        "inductor", "torch.compile backend: inductor (generated kernels: Triton on GPU, C++ on "
+        "CPU), aot_eager (forward and backward traced, no code generated: checks that a model "
+        "compiles in seconds), eager (Dynamo's graph capture only)", sci=False)
     device: Literal["auto", "cuda", "cpu"] = _f("auto", "auto = cuda if available", sci=False)
     seed: int = _f(0, "random seed (seeds are repeats, not a change of recipe)", sci=False)
     log_every_steps: int = _f(50, "metrics.jsonl / TensorBoard interval", sci=False,

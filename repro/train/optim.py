@@ -37,7 +37,7 @@ def build_scheduler(optimizer, recipe: Recipe, d: Derived):
     s = recipe.schedule
     cooldown = s.cooldown_epochs * d.steps_per_epoch
     t = max(1, d.total_steps - cooldown)
-    common = dict(warmup_t=d.warmup_steps, warmup_lr_init=s.warmup_lr, t_in_epochs=False)
+    common = dict(warmup_t=d.warmup_steps, warmup_lr_init=d.warmup_lr, t_in_epochs=False)
     if s.name == "cosine":
         return CosineLRScheduler(optimizer, t_initial=t, lr_min=d.min_lr, **common)
     if s.name == "linear":

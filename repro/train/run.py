@@ -162,7 +162,7 @@ def build(recipe: Recipe, env, *, smoke: bool, load_parent: bool = True) -> Setu
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if t.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=t.compile_backend)
     step = StepConfig(env=env, accum_steps=d.accum_steps, amp=t.amp,
                       channels_last=t.channels_last, clip_grad=recipe.optim.clip_grad,
                       clip_mode=recipe.optim.clip_mode, mixup=mixup, ema=ema, scaler=scaler,
@@ -284,6 +284,7 @@ class Training:
                 "epochs_planned": recipe.schedule.epochs, "steps_planned": d.total_steps,
                 "world_size": self.env.world_size, "device": str(self.env.device),
                 "amp": t.amp, "channels_last": t.channels_last, "compile": t.compile,
+                **({"compile_backend": t.compile_backend} if t.compile else {}),
                 "data_format": loaders.format, "not_applied": loaders.not_applied,
                 "deviations": loaders.deviations, "global_batch": d.global_batch, "lr": d.lr,
                 **complexity(recipe, loaders.num_classes, self.s.unwrapped)}
