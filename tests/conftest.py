@@ -120,8 +120,9 @@ def slurm_two_nodes(tmp_path_factory):
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Every test
 # that uses a dev Slurm cluster goes to one worker, so a session starts each cluster once and
 # the cluster tests never race each other's daemons; they are collected first, so that worker
-# starts on them while the other takes the rest. The tests of `repro verify`'s counts (one
-# module fixture, a minute of FLOP counting) share a worker too.
+# starts on them while the other takes the rest, beginning with the GPU check's --tiny run
+# (one module fixture, minutes). The tests of `repro verify`'s counts (one module fixture, a
+# minute of FLOP counting) share a worker too.
 
 SLURM_FIXTURES = {"slurm_cluster", "slurm_two_nodes"}
 
@@ -140,7 +141,12 @@ def _group(item) -> str | None:
     fixtures = set(getattr(item, "fixturenames", ()))
     if fixtures & SLURM_FIXTURES or item.module.__name__ == "test_slurm_dev":
         return "slurm"
+    if "tiny" in fixtures:  # benchmarks/gpu_check.py --tiny, run once (a module fixture)
+        return "gpu_check"
     return "verify" if "verified" in fixtures else None
+
+
+FIRST = ("slurm", "gpu_check")  # the longest groups start first, one on each worker
 
 
 def pytest_collection_modifyitems(config, items):
@@ -148,4 +154,5 @@ def pytest_collection_modifyitems(config, items):
         group = _group(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: _group(item) != "slurm")  # stable: otherwise as collected
+    # stable: otherwise as collected
+    items.sort(key=lambda item: FIRST.index(g) if (g := _group(item)) in FIRST else len(FIRST))
