@@ -43,6 +43,19 @@ def test_bad_options_are_one_line_and_write_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_what_would_start_past_the_budget_is_skipped_and_said(tmp_path):
+    """On a lent GPU a check cut off by the session's timeout would write nothing: parts that
+    start too late are skipped instead, named in the report, and the exit status is 1."""
+    out = tmp_path / "g.md"
+    p = run("--device", "cpu", "--tiny", "--parts", "bench,augment", "--budget-s", "0.001",
+            "--out", str(out), tmp_path=tmp_path)
+    assert p.returncode == 1 and "skipped: part 2, part 3" in p.stdout
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["skipped"] == ["part 2", "part 3"] and not rep["ok"]
+    assert "bench" not in rep and "augment" not in rep
+    assert "**Skipped to stay within the 0.001 s budget:** part 2, part 3" in out.read_text()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, str]:
     tmp = tmp_path_factory.mktemp("gpu_check")
