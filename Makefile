@@ -26,7 +26,8 @@ help:
 	@echo "make quickstart   install everything, then run the main job"
 	@echo "make test         install everything, then run the tests (pytest)"
 	@echo "make lint         ruff check, and lint-imports (the layers in pyproject.toml)"
-	@echo "make smoke-recipes  the --smoke of every recipe, chains stage by stage (~15 min)"
+	@echo "make smoke-recipes  the --smoke of every recipe, chains stage by stage (over 1 h;"
+	@echo "                    the XL chains need ~20 GB of memory and ~25 GB of disk)"
 	@echo "make gpu-check    the whole GPU path on one CUDA GPU (~8 min): reports/gpu_check.md"
 
 install: system-packages $(VENV)/.installed
@@ -61,7 +62,8 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The --smoke of every recipe, each stage of a chain in turn (CI runs one of each kind).
+# The --smoke of every recipe, each stage of a chain in turn (CI runs one of each kind); one
+# process: two run out of memory and disk on the EarlyConv XL chains (test_recipe_smoke.py).
 smoke-recipes: install
 	$(BIN)/python -m pytest tests/test_recipe_smoke.py -m "every_recipe or not every_recipe"
 

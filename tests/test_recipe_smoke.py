@@ -5,7 +5,10 @@ CI runs two chains: an SGD fine-tune at 384 of a 224 run (CvT-13, whose 224 smok
 parent) and a ViT 21K pre-training with its fine-tune (EarlyConv ViT_S). The sigmoid 21K
 pre-training is trained in test_train.py and a 21K-style chain end to end in test_stages.py;
 the one-stage recipes of each family in test_train.py. `make smoke-recipes` runs all of them
-(`-m every_recipe`), parents shared, about 15 minutes on 2 cores."""
+(`-m every_recipe`), parents shared, one at a time: over an hour on 2 cores (measured in
+pieces: the 41 CoAtNet and CvT recipes 40 min on two workers, the 17 EarlyConv L/XL and LeViT
+ones 18.5 min on one). The EarlyConv XL chains need ~20 GB of memory and write ~5 GB per run
+(~25 GB of disk for all runs at once): two workers run out of both."""
 
 from __future__ import annotations
 
