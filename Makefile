@@ -20,7 +20,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Two workers; the dev-Slurm tests share one (tests/conftest.py). PYTEST_ARGS= runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
-.PHONY: help install system-packages quickstart test lint clean smoke-recipes gpu-check
+.PHONY: help install system-packages quickstart test lint clean smoke-recipes gpu-check \
+	test-gpu-check-tiny
 
 help:
 	@echo "make quickstart   install everything, then run the main job"
@@ -71,6 +72,11 @@ smoke-recipes: install
 # CUDA, writing nothing).
 gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py
+
+# Its --device cpu --tiny run, end to end (~3 min; not yet in `make test`: the suite is at CI's
+# 20 minutes).
+test-gpu-check-tiny: install
+	$(BIN)/python -m pytest tests/test_gpu_check.py -m gpu_check_tiny
 
 lint: install
 	$(BIN)/ruff check repro tests

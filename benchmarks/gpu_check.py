@@ -697,27 +697,24 @@ def main(argv=None) -> int:
         finally:
             distributed.teardown()
         rep["part_s"]["train"] = time.perf_counter() - t0
-    if "bench" in parts and over_budget("bench"):
-        rep["skipped"].append("part 2")
-    elif "bench" in parts:
+    def bench() -> dict:
+        return {**bench_levit(sizes, device, log), "timm_source": anchor_speeds()["source"]}
+
+    later = (("bench", 2, "inference under the LeViT protocol", bench),
+             ("augment", 3, "device augmentation alone", lambda: time_augment(sizes, device, log)))
+    for part, number, title, measure in later:  # each part on its own: one failing is noted
+        if part not in parts:
+            continue
+        if over_budget(part):
+            rep["skipped"].append(f"part {number}")
+            continue
         t0 = time.perf_counter()
-        log("2. inference under the LeViT protocol")
+        log(f"{number}. {title}")
         try:
-            rep["bench"] = bench_levit(sizes, device, log)
-            rep["bench"]["timm_source"] = anchor_speeds()["source"]
+            rep[part] = measure()
         except Exception:
-            rep["errors"]["bench"] = traceback.format_exc()
-        rep["part_s"]["bench"] = time.perf_counter() - t0
-    if "augment" in parts and over_budget("augment"):
-        rep["skipped"].append("part 3")
-    elif "augment" in parts:
-        t0 = time.perf_counter()
-        log("3. device augmentation alone")
-        try:
-            rep["augment"] = time_augment(sizes, device, log)
-        except Exception:
-            rep["errors"]["augment"] = traceback.format_exc()
-        rep["part_s"]["augment"] = time.perf_counter() - t0
+            rep["errors"][part] = traceback.format_exc()
+        rep["part_s"][part] = time.perf_counter() - t0
     rep["total_s"] = time.perf_counter() - t_start
     failed = [f["row"] for f in rep.get("train", [])
               if "error" in f or not f.get("loss_finite", True)]

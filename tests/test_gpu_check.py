@@ -56,6 +56,9 @@ def test_what_would_start_past_the_budget_is_skipped_and_said(tmp_path):
     assert "**Skipped to stay within the 0.001 s budget:** part 2, part 3" in out.read_text()
 
 
+TINY = pytest.mark.gpu_check_tiny  # opt-in (pyproject.toml): `make test-gpu-check-tiny`
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, str]:
     tmp = tmp_path_factory.mktemp("gpu_check")
@@ -65,6 +68,7 @@ def tiny(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, str]:
     return p, json.loads(out.with_suffix(".json").read_text()), out.read_text()
 
 
+@TINY
 def test_tiny_trains_each_family_on_the_gpu_path_settings(tiny):
     _, rep, _ = tiny
     assert rep["ok"] and rep["errors"] == {} and rep["tiny"]
@@ -92,6 +96,7 @@ def test_tiny_trains_each_family_on_the_gpu_path_settings(tiny):
     assert fams["ViT_C-18GF"]["augment"].startswith("v0")  # pycls's AutoAugment policy
 
 
+@TINY
 def test_tiny_times_the_levit_protocol_beside_the_papers_v100(tiny):
     _, rep, _ = tiny
     rows = {r["row"]: r for r in rep["bench"]["rows"]}
@@ -110,6 +115,7 @@ def test_tiny_times_the_levit_protocol_beside_the_papers_v100(tiny):
     assert settings["protocol"] == "levit" and settings["fuse_bn"]
 
 
+@TINY
 def test_tiny_times_every_device_augmentation_tail_the_recipes_use(tiny):
     _, rep, md = tiny
     active = [r for r in rep["augment"] if r["active"]]
