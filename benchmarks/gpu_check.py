@@ -296,13 +296,15 @@ def _release(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _tail_name(recipe) -> str:
+def _tail_name(recipe, mixup: bool = True) -> str:
+    """The recipe's training augmentation in a few words (the device tail; Mixup/CutMix too
+    unless `mixup` is False)."""
     a = recipe.aug
     parts = [a.auto_augment or (f"color jitter {a.color_jitter:g}" if a.color_jitter
                                 else "no policy")]
     if a.re_prob:
         parts.append(f"RE {a.re_prob:g} {a.re_mode} x{a.re_count}")
-    if a.mixup or a.cutmix:
+    if mixup and (a.mixup or a.cutmix):
         parts.append(f"mixup {a.mixup:g} / cutmix {a.cutmix:g}")
     return ", ".join(parts)
 
@@ -311,12 +313,11 @@ def _tail_name(recipe) -> str:
 # Part 2: the LeViT protocol
 
 
-def levit_rows() -> dict:
+def levit_rows(anchors: dict) -> dict:
     """The paper's Table 3 rows: timm model and V100 images/s (levit.yaml), and timm's
-    anchors for the same models."""
+    figures for the same models (`anchors`: repro.papers.anchor_speeds())."""
     from repro import papers
 
-    anchors = papers.anchor_speeds()["devices"]
     rows = {}
     for name in LEVIT_ROWS + DEIT_ROWS:
         r = papers.get_row(f"levit/{name}")
@@ -325,15 +326,17 @@ def levit_rows() -> dict:
                       "paper_device": v100["device"], "paper_batch": v100["batch"],
                       "source": v100["source"],
                       **{f"timm_{k}": dev["models"].get(r["timm_model"], {}).get("images_per_s")
-                         for k, dev in anchors.items()}}
+                         for k, dev in anchors["devices"].items()}}
     return rows
 
 
 def bench_levit(sizes: Sizes, device: str, log) -> dict:
     """`repro bench --protocol levit` over the Table 3 rows, LeViT-256 as the reference."""
     from repro.measure import throughput as tp
+    from repro.papers import anchor_speeds
 
-    paper = levit_rows()
+    anchors = anchor_speeds()
+    paper = levit_rows(anchors)
     s = tp.apply_protocol(tp.Settings(
         device=device, protocol="levit", warmup_s=sizes.bench_warmup_s,
         window_s=sizes.bench_window_s, repeats=sizes.bench_repeats, attempts=1,
@@ -365,7 +368,7 @@ def bench_levit(sizes: Sizes, device: str, log) -> dict:
             "timm_rtx4090": pr.get("timm_rtx4090"), "timm_rtx3090": pr.get("timm_rtx3090"),
             "mfu_pct": r["mfu_pct"], "memory_gib": r.get("memory/max_allocated_gib"),
             "source": pr["source"]})
-    return {"rows": rows, "paper": paper, "record": record}
+    return {"rows": rows, "paper": paper, "record": record, "timm_source": anchors["source"]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,7 +387,7 @@ def recipe_tails() -> dict:
         key = (a.auto_augment, a.color_jitter if not a.auto_augment else None, a.re_prob,
                a.re_mode if a.re_prob else None, a.re_count if a.re_prob else None,
                d.interpolation, tuple(d.mean), tuple(d.std), d.hflip)
-        name = _tail_name(r).split(", mixup")[0] + f"; {d.interpolation}"
+        name = _tail_name(r, mixup=False) + f"; {d.interpolation}"
         if tuple(d.mean) != IMAGENET_MEAN:
             name += f", mean {'/'.join(f'{m:g}' for m in d.mean)}"
         tails.setdefault(key, {"name": name, "recipes": []})
@@ -659,7 +662,6 @@ def main(argv=None) -> int:
         return 2
 
     from repro.io import atomic_write_json, atomic_write_text
-    from repro.papers import anchor_speeds
     from repro.train import distributed
 
     device = args.device
@@ -697,10 +699,8 @@ def main(argv=None) -> int:
         finally:
             distributed.teardown()
         rep["part_s"]["train"] = time.perf_counter() - t0
-    def bench() -> dict:
-        return {**bench_levit(sizes, device, log), "timm_source": anchor_speeds()["source"]}
-
-    later = (("bench", 2, "inference under the LeViT protocol", bench),
+    later = (("bench", 2, "inference under the LeViT protocol",
+              lambda: bench_levit(sizes, device, log)),
              ("augment", 3, "device augmentation alone", lambda: time_augment(sizes, device, log)))
     for part, number, title, measure in later:  # each part on its own: one failing is noted
         if part not in parts:
