@@ -73,8 +73,7 @@ smoke-recipes: install
 gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py
 
-# Its --device cpu --tiny run, end to end (~3 min; not yet in `make test`: the suite is at CI's
-# 20 minutes).
+# Its --device cpu --tiny run alone, end to end (~3 min; `make test` includes it).
 test-gpu-check-tiny: install
 	$(BIN)/python -m pytest tests/test_gpu_check.py -m gpu_check_tiny
 

@@ -149,6 +149,7 @@ def _group(item) -> str | None:
 FIRST = ("slurm", "gpu_check")  # the longest groups start first, one on each worker
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         group = _group(item)
@@ -156,3 +157,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(group))
     # stable: otherwise as collected
     items.sort(key=lambda item: FIRST.index(g) if (g := _group(item)) in FIRST else len(FIRST))
+
+
+LOST_GROUPS = pytest.StashKey[str]()
+
+
+def pytest_collection_finish(session):
+    """On an xdist worker under `--dist loadgroup`, a group that xdist did not write into the
+    node id is silently not a group (pytest-dev/pytest-xdist#1386): its tests then fail, saying
+    so, instead of running on several workers (a Slurm cluster started on each)."""
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup")):
+        return
+    lost = [i.nodeid for i in session.items
+            if i.get_closest_marker("xdist_group") and "@" not in i.nodeid.rpartition("]")[2]]
+    if lost:
+        session.config.stash[LOST_GROUPS] = (
+            f"--dist loadgroup is not grouping ({lost[0]} has no @group): this pytest and "
+            "pytest-xdist do not work together (pytest-dev/pytest-xdist#1386); `make install` "
+            "installs the versions pinned in pyproject.toml")
+
+
+def pytest_runtest_setup(item):
+    lost = item.config.stash.get(LOST_GROUPS, None)
+    if lost and item.get_closest_marker("xdist_group"):
+        pytest.fail(lost, pytrace=False)

@@ -56,7 +56,7 @@ def test_what_would_start_past_the_budget_is_skipped_and_said(tmp_path):
     assert "**Skipped to stay within the 0.001 s budget:** part 2, part 3" in out.read_text()
 
 
-TINY = pytest.mark.gpu_check_tiny  # opt-in (pyproject.toml): `make test-gpu-check-tiny`
+TINY = pytest.mark.gpu_check_tiny  # alone: `make test-gpu-check-tiny`
 
 
 @pytest.fixture(scope="module")

@@ -367,14 +367,17 @@ wait_until 15 "munged" "$LOGD/munged.out" munged -- munge_ok
 MYSQL_OPTS=(--no-defaults --datadir="$DIR/db" --user=root
             --innodb-log-file-size=64M --innodb-lock-wait-timeout=900
             --innodb-flush-log-at-trx-commit=0 --innodb-doublewrite=0)
+start_mariadbd() {
+    launch mariadbd -- mariadbd "${MYSQL_OPTS[@]}" --skip-networking --socket="$MYSQL_SOCK" \
+        --pid-file="$RUN/mariadbd.pid.self" --log-error="$LOGD/mariadbd.log"
+}
 if ! pid_alive mariadbd mariadbd; then
     if [ ! -d "$DIR/db/mysql" ]; then
         mariadb-install-db "${MYSQL_OPTS[@]}" --skip-test-db --auth-root-authentication-method=socket \
             >"$LOGD/mariadb-install-db.log" 2>&1 \
             || fail_with_log "mariadb-install-db failed" "$LOGD/mariadb-install-db.log"
     fi
-    launch mariadbd -- mariadbd "${MYSQL_OPTS[@]}" --skip-networking --socket="$MYSQL_SOCK" \
-        --pid-file="$RUN/mariadbd.pid.self" --log-error="$LOGD/mariadbd.log"
+    start_mariadbd
 fi
 wait_until 60 "mariadbd" "$LOGD/mariadbd.log" mariadbd -- mysql_ok
 
@@ -383,17 +386,28 @@ if ! pid_alive slurmdbd slurmdbd; then
     launch slurmdbd -- slurmdbd -D
 fi
 wait_until 30 "slurmdbd" "$LOGD/slurmdbd.log" slurmdbd -- dbd_ok
-# Registering creates the cluster's tables. On a loaded machine slurmdbd has answered "Problem
-# adding clusters: Unspecified error" (CI, all Slurm tests lost) where a second try succeeds; an
-# add that failed on the client's side may still have completed. So: add until it is listed,
-# within a bound, keeping sacctmgr's words for the error message.
+# Registering creates the cluster's tables. Twice, two clusters starting side by side on a loaded
+# machine, this was where mariadbd 10.11 died (dmesg: "mariadbd: segfault at 0"; sacctmgr:
+# "Problem adding clusters: Unspecified error"), every Slurm test lost with it. InnoDB recovers
+# on a restart, and an add that failed on the client's side may still have completed. So: add
+# until the cluster is listed, restarting a dead mariadbd (at most twice), within a bound.
 cluster_known() { sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; }
+db_restarts=0
 register_cluster() {
+    if ! pid_alive mariadbd mariadbd; then
+        [ "$db_restarts" -lt 2 ] || return 1
+        db_restarts=$((db_restarts + 1))
+        echo "start.sh: mariadbd exited while the cluster was registered; restarting it" \
+            >>"$LOGD/sacctmgr.log"
+        start_mariadbd
+        return 1
+    fi
+    mysql_ok || return 1
     cluster_known || sacctmgr -i add cluster "$CLUSTER" >>"$LOGD/sacctmgr.log" 2>&1
     cluster_known
 }
-wait_until 60 "registering cluster $CLUSTER with slurmdbd" "$LOGD/sacctmgr.log $LOGD/slurmdbd.log" \
-    slurmdbd -- register_cluster
+wait_until 60 "registering cluster $CLUSTER with slurmdbd" \
+    "$LOGD/sacctmgr.log $LOGD/slurmdbd.log $LOGD/mariadbd.log" slurmdbd -- register_cluster
 
 # 4. slurmctld.
 if ! pid_alive slurmctld slurmctld; then
