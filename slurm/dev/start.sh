@@ -391,7 +391,7 @@ wait_until 30 "slurmdbd" "$LOGD/slurmdbd.log" slurmdbd -- dbd_ok
 # "Problem adding clusters: Unspecified error"), every Slurm test lost with it. InnoDB recovers
 # on a restart, and an add that failed on the client's side may still have completed. So: add
 # until the cluster is listed, restarting a dead mariadbd (at most twice), within a bound.
-cluster_known() { sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; }
+cluster_known() { dbd_ok | grep -qx "$CLUSTER"; }
 db_restarts=0
 register_cluster() {
     if ! pid_alive mariadbd mariadbd; then
